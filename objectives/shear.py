@@ -1,0 +1,200 @@
+"""The weak-lensing shear objective: a CNN regresses (g1, g2) from GalSim galaxy stamps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from objectives.base import TrialContext
+from objectives.cache import cache_root, cached_arrays, config_hash
+from objectives.options import check_options, require
+from objectives.shear_data import PROFILES, PSF_PROFILES, SPLITS, GalaxySimulation, simulate, simulation_config
+from objectives.shear_metrics import shear_metrics
+from objectives.training import REGRESSION_LOSSES, parameter_count, predict, train_model
+from spaces.shear_cnn import SHEAR_CNN, build_shear_cnn
+
+logger = logging.getLogger("lensnas.shear")
+
+SIMULATION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GalaxySimulation)}
+REFERENCES = ("none", "metacal", "hsm", "ngmix")
+
+
+class StampInputs:
+    """Array-like (N, C, H, W) view of (N, H, W) stamps, optionally with the PSF image as channel 2."""
+
+    def __init__(self, images: np.ndarray, psf_image: np.ndarray | None = None):
+        self.images = images
+        self.psf_image = psf_image
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        stamps = np.asarray(self.images[index], dtype=np.float32)[:, None]
+        if self.psf_image is None:
+            return stamps
+        psf = np.broadcast_to(self.psf_image, stamps.shape)
+        return np.concatenate([stamps, psf], axis=1)
+
+
+class ShearObjective:
+    """Train a shear CNN on simulated galaxies; score it on RMSE and m/c of a held-out test set."""
+
+    name = "shear"
+    family = SHEAR_CNN
+    OPTIONS: dict[str, Any] = {
+        "n_train": 2000,
+        "n_validation": 500,
+        "n_test": 1000,
+        "psf_channel": False,
+        "reference": "none",
+        **SIMULATION_DEFAULTS,
+    }
+    METRICS: dict[str, str] = {
+        "rmse": "minimize",
+        "rmse_g1": "minimize",
+        "rmse_g2": "minimize",
+        "abs_m": "minimize",
+        "abs_c": "minimize",
+        "best_val_loss": "minimize",
+        "n_params": "minimize",
+        "train_seconds": "minimize",
+    }
+    DEFAULT_METRIC = "rmse"
+    SUMMARY = ("rmse", "m1", "m2", "c1", "c2")
+
+    def __init__(
+        self,
+        options: dict[str, Any],
+        training: dict[str, Any],
+        *,
+        seed: int,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+    ):
+        self.options = self.check_options(options)
+        self.training = dict(training)
+        self.seed = seed
+        self.cache_dir = cache_root(cache_dir)
+        self.progress = progress
+        self.simulation = GalaxySimulation(**{k: self.options[k] for k in SIMULATION_DEFAULTS})
+        self.counts = {
+            "train": self.options["n_train"],
+            "validation": self.options["n_validation"],
+            "test": self.options["n_test"],
+        }
+        self.data: dict[str, np.ndarray] | None = None
+        self.dataset_key = config_hash(self.dataset_config())
+        self.cache_hit: bool | None = None
+
+    @classmethod
+    def check_options(cls, table: dict[str, Any], prefix: str = "objective") -> dict[str, Any]:
+        """Validated ``[objective]`` options (defaults filled in)."""
+        options = check_options(table, cls.OPTIONS, prefix)
+        for key in ("n_train", "n_validation", "n_test"):
+            require(options[key] >= 2, f"{prefix}.{key}", f"must be at least 2, got {options[key]}")
+        require(8 <= options["stamp_size"] <= 512, f"{prefix}.stamp_size", f"must be in 8..512, got {options['stamp_size']}")
+        for key in ("pixel_scale", "psf_fwhm", "half_light_radius_min", "flux_min", "sersic_index"):
+            require(options[key] > 0, f"{prefix}.{key}", f"must be positive, got {options[key]}")
+        require(options["noise_sigma"] >= 0, f"{prefix}.noise_sigma", f"must be >= 0, got {options['noise_sigma']}")
+        for low, high in (("half_light_radius_min", "half_light_radius_max"), ("flux_min", "flux_max")):
+            require(options[low] <= options[high], f"{prefix}.{high}", f"impossible range: {low}={options[low]} > {high}={options[high]}")
+        require(0 <= options["shear_max"] < 1, f"{prefix}.shear_max", f"must be in [0, 1), got {options['shear_max']}")
+        require(0 <= options["bulge_fraction"] <= 1, f"{prefix}.bulge_fraction", "must be in [0, 1]")
+        require(options["psf_beta"] > 1.1, f"{prefix}.psf_beta", f"must be > 1.1, got {options['psf_beta']}")
+        require(options["intrinsic_ellipticity_sigma"] >= 0, f"{prefix}.intrinsic_ellipticity_sigma", "must be >= 0")
+        for key, allowed in (("profile", PROFILES), ("psf_profile", PSF_PROFILES), ("reference", REFERENCES)):
+            require(options[key] in allowed, f"{prefix}.{key}", f"must be one of {', '.join(allowed)}, got {options[key]!r}")
+        return options
+
+    def dataset_config(self) -> dict[str, Any]:
+        """What the dataset cache key is made of."""
+        return {"simulation": simulation_config(self.simulation), "counts": self.counts, "seed": self.seed, "version": 1}
+
+    def prepare(self) -> None:
+        """Simulate (or load from cache) the train/validation/test galaxies."""
+        if self.data is not None:
+            return
+        total = sum(self.counts.values()) + self.counts["test"]
+        self.data, _, self.cache_hit = cached_arrays(
+            self.cache_dir, "shear", self.dataset_config(), lambda: self._simulate(total)
+        )
+        logger.info("shear dataset %s (%s)", self.dataset_key, "cache hit" if self.cache_hit else "simulated")
+        self.input_scale = 1.0 / float(np.std(self.data["train.images"][:1000]) or 1.0)
+
+    def _simulate(self, total: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        from rich.progress import Progress
+
+        with Progress(disable=not self.progress, transient=True) as bar:
+            task = bar.add_task(f"simulating {total} galaxies", total=total)
+            arrays = simulate(self.simulation, self.counts, self.seed, lambda n: bar.advance(task, n))
+        return arrays, {"dataset_key": self.dataset_key}
+
+    def inputs(self, split: str, name: str = "images") -> StampInputs:
+        """The network inputs for one split (``name`` = "images" or, for test, "images_minus")."""
+        psf = self.data["psf_image"] if self.options["psf_channel"] else None
+        return StampInputs(self.data[f"{split}.{name}"], psf)
+
+    def architecture(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Everything needed to rebuild the trial's network (family, version, builder arguments)."""
+        return {
+            "family": self.family.name,
+            "version": self.family.version,
+            "config": self.family.architecture(self.family.config({**self.training, **params})),
+            "in_channels": 2 if self.options["psf_channel"] else 1,
+            "image_size": self.simulation.stamp_size,
+            "input_scale": self.input_scale,
+            "output_scale": max(self.simulation.shear_max, 1e-3),
+        }
+
+    def build_model(self, params: dict[str, Any]) -> torch.nn.Module:
+        """The trial's network, untrained."""
+        spec = self.architecture(params)
+        return build_shear_cnn(
+            spec["config"], spec["in_channels"], spec["image_size"], spec["input_scale"], spec["output_scale"]
+        )
+
+    def run_trial(self, params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
+        """Train the network sampled in ``params`` and return its test-set metrics."""
+        self.prepare()
+        config = self.family.config({**self.training, **params})
+        model = self.build_model(params)
+        result = train_model(
+            model,
+            (self.inputs("train"), self.data["train.labels"]),
+            (self.inputs("validation"), self.data["validation.labels"]),
+            loss_fn=REGRESSION_LOSSES[config["loss"]](),
+            learning_rate=config["learning_rate"],
+            batch_size=config["batch_size"],
+            epochs=config["epochs"],
+            weight_decay=config["weight_decay"],
+            ctx=ctx,
+        )
+        batch = max(config["batch_size"], 256)
+        estimate = predict(result.model, self.inputs("test"), batch, ctx.device)
+        estimate_minus = predict(result.model, self.inputs("test", "images_minus"), batch, ctx.device)
+        metrics = shear_metrics(estimate, self.data["test.labels"], estimate_minus)
+        metrics.update(
+            n_params=float(parameter_count(result.model)),
+            train_seconds=result.train_seconds,
+            best_val_loss=result.best_val_loss,
+            epochs_run=float(result.epochs_run),
+        )
+        self._save(result.model, params, ctx)
+        return metrics
+
+    def _save(self, model: torch.nn.Module, params: dict[str, Any], ctx: TrialContext) -> None:
+        folder = Path(ctx.artifact_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(model.cpu().state_dict(), folder / "weights.pt")
+        (folder / "architecture.json").write_text(json.dumps(self.architecture(params), indent=1))
+
+    def trial_attrs(self) -> dict[str, Any]:
+        """Study-wide facts: the dataset key and split sizes."""
+        return {"dataset_key": self.dataset_key, **{f"n_{split}": self.counts[split] for split in SPLITS}}

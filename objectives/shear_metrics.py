@@ -1,0 +1,117 @@
+"""Shear accuracy metrics: RMSE and multiplicative/additive bias (m, c) with errors.
+
+Convention: an estimator measures ``e_i = (1 + m_i) g_i + c_i`` for component i.
+
+* :func:`linear_bias` fits that line by least squares; errors are the standard
+  errors of the fit.
+* :func:`paired_bias` uses the noise-cancelling protocol: every galaxy is measured at
+  +g and -g with the same noise, so ``(e+ - e-)/2 = (1 + m) g`` and ``(e+ + e-)/2 = c``.
+  ``1 + m`` is the least-squares slope through the origin; errors are delete-one-block
+  jackknife errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Bias:
+    """m and c with their standard errors, per shear component (index 0 is g1, 1 is g2)."""
+
+    m: tuple[float, float]
+    m_err: tuple[float, float]
+    c: tuple[float, float]
+    c_err: tuple[float, float]
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Flat ``{m1, m1_err, m2, ..., c2_err}`` with an optional key prefix."""
+        out = {}
+        for i in (0, 1):
+            out[f"{prefix}m{i + 1}"] = self.m[i]
+            out[f"{prefix}m{i + 1}_err"] = self.m_err[i]
+            out[f"{prefix}c{i + 1}"] = self.c[i]
+            out[f"{prefix}c{i + 1}_err"] = self.c_err[i]
+        return out
+
+
+def rmse(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    """Per-galaxy RMSE of g1, of g2, and over both components together."""
+    residual = np.asarray(estimate, float) - np.asarray(truth, float)
+    per_component = np.sqrt(np.mean(residual**2, axis=0))
+    return float(per_component[0]), float(per_component[1]), float(np.sqrt(np.mean(residual**2)))
+
+
+def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    design = np.stack([x, np.ones_like(x)], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, y, rcond=None)
+    residual = y - design @ coefficients
+    dof = max(len(x) - 2, 1)
+    covariance = np.linalg.inv(design.T @ design) * (residual @ residual) / dof
+    slope, intercept = coefficients
+    return float(slope - 1), float(np.sqrt(covariance[0, 0])), float(intercept), float(np.sqrt(covariance[1, 1]))
+
+
+def linear_bias(estimate: np.ndarray, truth: np.ndarray) -> Bias:
+    """m, c from a least-squares line of estimate against truth, per component."""
+    estimate, truth = np.asarray(estimate, float), np.asarray(truth, float)
+    fits = [_line_fit(truth[:, i], estimate[:, i]) for i in (0, 1)]
+    return Bias(
+        m=(fits[0][0], fits[1][0]), m_err=(fits[0][1], fits[1][1]),
+        c=(fits[0][2], fits[1][2]), c_err=(fits[0][3], fits[1][3]),
+    )
+
+
+def _paired_estimates(plus: np.ndarray, minus: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    half_difference = (plus - minus) / 2
+    half_sum = (plus + minus) / 2
+    m = np.sum(half_difference * truth, axis=0) / np.sum(truth * truth, axis=0) - 1
+    c = np.mean(half_sum, axis=0)
+    return np.concatenate([m, c])
+
+
+def paired_bias(
+    plus: np.ndarray, minus: np.ndarray, truth: np.ndarray, n_blocks: int = 100
+) -> Bias:
+    """m, c from estimates at +g (``plus``) and -g (``minus``) of galaxies with shear ``truth``.
+
+    Jackknife errors over ``n_blocks`` contiguous blocks of galaxies (fewer if N is small).
+    """
+    plus, minus, truth = (np.asarray(a, float) for a in (plus, minus, truth))
+    count = len(truth)
+    full = _paired_estimates(plus, minus, truth)
+    n_blocks = max(2, min(n_blocks, count))
+    blocks = np.array_split(np.arange(count), n_blocks)
+    samples = []
+    for block in blocks:
+        keep = np.ones(count, bool)
+        keep[block] = False
+        samples.append(_paired_estimates(plus[keep], minus[keep], truth[keep]))
+    samples = np.array(samples)
+    errors = np.sqrt((n_blocks - 1) / n_blocks * np.sum((samples - samples.mean(axis=0)) ** 2, axis=0))
+    return Bias(
+        m=(float(full[0]), float(full[1])), m_err=(float(errors[0]), float(errors[1])),
+        c=(float(full[2]), float(full[3])), c_err=(float(errors[2]), float(errors[3])),
+    )
+
+
+def shear_metrics(
+    estimate: np.ndarray, truth: np.ndarray, estimate_minus: np.ndarray | None = None, prefix: str = ""
+) -> dict[str, float]:
+    """All shear metrics as a flat dict: rmse, rmse_g1, rmse_g2, linear m/c (+ errors),
+    paired m/c when ``estimate_minus`` is given, and ``abs_m`` (the largest |m|, paired if
+    available)."""
+    rmse_g1, rmse_g2, rmse_all = rmse(estimate, truth)
+    out = {f"{prefix}rmse": rmse_all, f"{prefix}rmse_g1": rmse_g1, f"{prefix}rmse_g2": rmse_g2}
+    linear = linear_bias(estimate, truth)
+    out.update(linear.as_dict(prefix=f"{prefix}linear_"))
+    headline = linear
+    if estimate_minus is not None:
+        headline = paired_bias(estimate, estimate_minus, truth)
+        out.update(headline.as_dict(prefix=f"{prefix}paired_"))
+    out.update(headline.as_dict(prefix=prefix))
+    out[f"{prefix}abs_m"] = max(abs(headline.m[0]), abs(headline.m[1]))
+    out[f"{prefix}abs_c"] = max(abs(headline.c[0]), abs(headline.c[1]))
+    return out

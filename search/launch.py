@@ -1,0 +1,59 @@
+"""launch(): run or resume a study from a study file, with any executor."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from rich.console import Console
+
+from search.local import run_local
+from search.spec import StudySpec, load_spec
+from search.storage import artifact_root, default_storage_url, open_storage, redact
+from search.study import finished_count, open_study, resolve_device
+from search.summary import print_best
+
+logger = logging.getLogger("lensnas")
+
+
+def launch(
+    spec: StudySpec | str | Path,
+    storage: str | None = None,
+    *,
+    n_trials: int | None = None,
+    seed: int | None = None,
+    quiet: bool = False,
+    cache_dir: str | Path | None = None,
+    max_failures: int = 3,
+    console: Console | None = None,
+) -> optuna.Study:
+    """Run the study of ``spec`` (a StudySpec or a study file path) until it has its n_trials.
+
+    Rerunning resumes the same study in the same storage; nothing is done twice.
+    """
+    if not isinstance(spec, StudySpec):
+        spec = load_spec(spec)
+    spec = spec.with_overrides(n_trials=n_trials, seed=seed)
+    url = storage or default_storage_url()
+    console = console or Console(stderr=True, quiet=quiet)
+    study = open_study(spec, open_storage(url))
+    optuna.storages.fail_stale_trials(study)
+    done = finished_count(study)
+    console.print(f"study [bold]{spec.name}[/] in {redact(url)}: {done}/{spec.n_trials} trials finished")
+    if done < spec.n_trials:
+        objective = spec.make_objective(cache_dir, progress=not quiet)
+        objective.prepare()
+        for key, value in objective.trial_attrs().items():
+            study.set_user_attr(key, value)
+        device = resolve_device(spec.device)
+        failures = run_local(
+            spec, study, objective, device=device, artifact_root=artifact_root(url),
+            max_failures=max_failures, quiet=quiet, console=console,
+        )
+        if failures.stopped_reason:
+            console.print(f"[red]{spec.name}: {failures.stopped_reason}")
+    if not quiet:
+        print_best(study, Console())
+    return study

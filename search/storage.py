@@ -1,0 +1,79 @@
+"""Optuna storage: SQLAlchemy URLs, the SQLite default, safe printing, artifact folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import make_url
+
+DEFAULT_STORAGE = "sqlite:///lensnas.db"
+HEARTBEAT_SECONDS = 30
+GRACE_SECONDS = 90
+
+
+class StorageError(RuntimeError):
+    """A storage URL that is malformed or cannot be reached (message never shows a password)."""
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a URL too malformed to parse: show only its scheme
+        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+
+
+def default_storage_url() -> str:
+    """``$LENSNAS_STORAGE`` or ``sqlite:///lensnas.db`` in the current directory."""
+    return os.environ.get("LENSNAS_STORAGE", DEFAULT_STORAGE)
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage for ``url`` with heartbeats (stale trials get failed) and a SQLite busy timeout."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise StorageError(f"storage URL {redact(url)!r} is not a valid SQLAlchemy URL (e.g. sqlite:///lensnas.db, postgresql://user@host/db)") from None
+    engine_kwargs: dict = {}
+    if parsed.get_backend_name() == "sqlite":
+        # Several workers on one SQLite file: wait for the lock instead of failing at once.
+        engine_kwargs["connect_args"] = {"timeout": 120}
+        if parsed.database and parsed.database != ":memory:":
+            folder = Path(parsed.database).expanduser().resolve().parent
+            if not folder.is_dir():
+                raise StorageError(f"storage URL {redact(url)!r}: folder {folder} does not exist")
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+        )
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as error:
+        reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+        raise StorageError(f"storage URL {redact(url)!r}: cannot open ({redact_text(reason, url)})") from None
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (if any) replaced by ***."""
+    try:
+        password = make_url(url).password
+    except Exception:
+        return text
+    return text.replace(password, "***") if password else text
+
+
+def artifact_root(url: str) -> Path:
+    """Folder for trial artifacts: next to a SQLite file, else ``./lensnas-artifacts``."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return Path("lensnas-artifacts").resolve()
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return Path(parsed.database).expanduser().resolve().parent / "lensnas-artifacts"
+    return Path("lensnas-artifacts").resolve()

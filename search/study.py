@@ -1,0 +1,170 @@
+"""The Optuna study of a StudySpec: create or resume it, enqueue presets, score and record trials.
+
+Shared by every executor: each turns its own trial object into a TrialContext and calls
+:func:`evaluate`, which runs the objective and stores its metrics on the Optuna trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from objectives.base import TrialPruned
+from search.samplers import make_pruner, make_sampler
+from search.spec import SpecError, StudySpec
+from spaces.dimensions import admits, suggest
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+FAIL_REASON = "fail_reason"
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """The training seed of one trial, derived from the study seed and the trial number."""
+    return int(np.random.SeedSequence([study_seed, trial_number]).generate_state(1)[0])
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Create the study or load it to resume; enqueue admitted presets on a new study."""
+    try:
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=storage,
+            directions=list(spec.directions),
+            sampler=make_sampler(spec),
+            pruner=make_pruner(spec),
+            load_if_exists=True,
+        )
+    except ValueError as error:
+        raise SpecError(f"{spec.path}: study.directions: the stored study '{spec.name}' differs ({error})") from None
+    stored_objective = study.user_attrs.get("objective")
+    if stored_objective not in (None, spec.objective):
+        raise SpecError(f"{spec.path}: study.objective: the stored study '{spec.name}' uses '{stored_objective}'; pick another study name")
+    if stored_objective is None:
+        study.set_user_attr("objective", spec.objective)
+        study.set_user_attr("metrics", list(spec.metrics))
+        study.set_user_attr("study_file", str(spec.path))
+        study.set_user_attr("spec", _json_safe(spec.raw))
+    if not study.trials:
+        enqueue_presets(spec, study)
+    return study
+
+
+def enqueue_presets(spec: StudySpec, study: optuna.Study) -> list[str]:
+    """Enqueue each listed preset the space admits; returns the names enqueued."""
+    from objectives import objective_class
+
+    family = objective_class(spec.objective).family
+    searched = [d for d in spec.space if d.searched]
+    defaults = family.config(spec.training)
+    enqueued = []
+    for name in spec.presets:
+        preset = family.presets[name]
+        reason = admits(list(spec.space), preset, defaults)
+        if reason is not None:
+            optuna.logging.get_logger("lensnas").warning("preset %s not enqueued: %s", name, reason)
+            continue
+        params = {d.name: preset[d.name] for d in searched if d.name in preset}
+        study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=True)
+        enqueued.append(name)
+    return enqueued
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards n_trials: COMPLETE and PRUNED."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+class OptunaContext:
+    """TrialContext over an ``optuna.Trial`` (the local executor's adapter)."""
+
+    def __init__(self, trial: optuna.Trial, device: str, artifact_dir: Path, seed: int,
+                 multi_objective: bool, on_log: Callable[[str], None] | None = None):
+        self.trial = trial
+        self.device = device
+        self.artifact_dir = artifact_dir
+        self.seed = seed
+        self.multi_objective = multi_objective
+        self.on_log = on_log
+
+    def report(self, step: int, value: float) -> None:
+        if not self.multi_objective:  # Optuna keeps intermediate values for single objectives only
+            self.trial.report(value, step)
+
+    def should_prune(self) -> bool:
+        return not self.multi_objective and self.trial.should_prune()
+
+    def log(self, message: str) -> None:
+        if self.on_log is not None:
+            self.on_log(f"trial {self.trial.number}: {message}")
+
+
+def evaluate(
+    spec: StudySpec,
+    objective: Any,
+    trial: optuna.Trial,
+    device: str,
+    artifact_root: Path,
+    on_log: Callable[[str], None] | None = None,
+) -> list[float]:
+    """Suggest params, run the objective, store its metrics as user attributes, return the values.
+
+    A pruned trial raises optuna.TrialPruned; any other failure stores its reason and re-raises.
+    """
+    params = suggest(trial, list(spec.space))
+    seed = trial_seed(spec.seed, trial.number)
+    trial.set_user_attr("seed", seed)
+    artifact_dir = artifact_root / spec.name / f"trial-{trial.number}"
+    ctx = OptunaContext(trial, device, artifact_dir, seed, spec.multi_objective, on_log)
+    try:
+        metrics = objective.run_trial(params, ctx)
+    except TrialPruned as pruned:
+        raise optuna.TrialPruned(str(pruned)) from None
+    except Exception as error:
+        trial.set_user_attr(FAIL_REASON, f"{type(error).__name__}: {error}"[:2000])
+        raise
+    for key, value in metrics.items():
+        trial.set_user_attr(key, float(value))
+    trial.set_user_attr("artifact_dir", str(artifact_dir))
+    values = [float(metrics[m]) for m in spec.metrics]
+    bad = [m for m, v in zip(spec.metrics, values) if not math.isfinite(v)]
+    if bad:
+        trial.set_user_attr(FAIL_REASON, f"non-finite metric(s): {', '.join(bad)}")
+    return values
+
+
+class StopAfterFailures:
+    """Optuna callback: stop the study after ``limit`` consecutive FAIL trials of this run."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.consecutive = 0
+        self.stopped_reason: str | None = None
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != TrialState.FAIL:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        if self.limit and self.consecutive >= self.limit:
+            reason = trial.user_attrs.get(FAIL_REASON, "see the log")
+            self.stopped_reason = f"stopped after {self.consecutive} consecutive failed trials; last: {reason}"
+            study.stop()
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,95 @@
+"""Tables of trials for the terminal (launch's best trials, status)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.table import Table
+
+from search.study import FAIL_REASON
+
+
+def format_value(value: Any, error: Any = None) -> str:
+    """A metric as ``1.23e-03 ± 4.0e-04`` (error optional)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "" if value is None else str(value)
+    if not math.isfinite(value):
+        return str(value)
+    text = f"{value:.4g}" if 1e-2 <= abs(value) < 1e4 or value == 0 else f"{value:.3e}"
+    if isinstance(error, (int, float)) and math.isfinite(error):
+        text += f" ± {error:.1e}"
+    return text
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={format_value(v) if isinstance(v, float) else v}" for k, v in params.items())
+
+
+def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
+    """The ``top`` best completed trials (Pareto front order for multi-objective studies)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(study.directions) > 1:
+        return list(study.best_trials)[:top]
+    sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
+    return sorted(complete, key=lambda t: sign * t.value)[:top]
+
+
+def trial_table(trials: Sequence[FrozenTrial], columns: Sequence[str], title: str) -> Table:
+    """One row per trial: number, state, duration, metrics (with ± errors), params."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("trial", justify="right")
+    table.add_column("state")
+    table.add_column("seconds", justify="right")
+    for column in columns:
+        table.add_column(column, justify="right")
+    table.add_column("params / reason", overflow="fold")
+    for trial in trials:
+        attrs = trial.user_attrs
+        duration = trial.duration.total_seconds() if trial.duration else None
+        cells = [format_value(attrs.get(c), attrs.get(f"{c}_err")) for c in columns]
+        detail = format_params(trial.params)
+        if "preset" in attrs:
+            detail = f"(preset {attrs['preset']}) {detail}"
+        if trial.state == TrialState.FAIL and FAIL_REASON in attrs:
+            detail = f"{attrs[FAIL_REASON]} | {detail}"
+        table.add_row(
+            str(trial.number), trial.state.name,
+            "" if duration is None else f"{duration:.1f}", *cells, detail,
+        )
+    return table
+
+
+def summary_columns(study: optuna.Study) -> tuple[str, ...]:
+    """The columns its objective wants shown, plus the study's metrics."""
+    from objectives import objective_class
+
+    metrics = tuple(study.user_attrs.get("metrics", ()))
+    try:
+        columns = tuple(objective_class(study.user_attrs["objective"]).SUMMARY)
+    except (KeyError, ImportError):
+        columns = ()
+    return columns + tuple(m for m in metrics if m not in columns)
+
+
+def print_best(study: optuna.Study, console: Console, top: int = 5) -> None:
+    """Print the best trials of ``study``."""
+    trials = best_trials(study, top)
+    if not trials:
+        console.print(f"study {study.study_name}: no completed trial yet")
+        return
+    title = f"{study.study_name}: best {len(trials)} of {len(study.trials)} trials"
+    console.print(trial_table(trials, summary_columns(study), title))
+
+
+def print_status(study: optuna.Study, console: Console) -> None:
+    """Print every trial of ``study`` and a count per state."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {}
+    for trial in trials:
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    title = f"{study.study_name}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+    console.print(trial_table(trials, summary_columns(study), title or study.study_name))

@@ -1,0 +1,18 @@
+"""Search spaces: declarative dimensions and the model families they build."""
+
+from spaces.dimensions import Dimension, SpaceError, parse_space, suggest
+from spaces.family import Family
+from spaces.shear_cnn import SHEAR_CNN
+from spaces.sr_net import SR_NET
+
+FAMILIES: dict[str, Family] = {SHEAR_CNN.name: SHEAR_CNN, SR_NET.name: SR_NET}
+
+
+def family(name: str) -> Family:
+    """The model family registered under ``name``."""
+    if name not in FAMILIES:
+        raise KeyError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+__all__ = ["Dimension", "Family", "FAMILIES", "SpaceError", "family", "parse_space", "suggest"]
