@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--cache-dir", default=None, help="dataset cache (default: $LENSNAS_CACHE_DIR or ~/.cache/lensnas)")
     launch.add_argument("--max-failures", type=int, default=3, help="stop after this many consecutive failed trials (0: never)")
     launch.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    launch.add_argument("--executor", choices=("local", "ray"), default="local", help="where trials run")
+    ray = launch.add_argument_group("ray executor")
+    ray.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (fractions allowed)")
+    ray.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
+    ray.add_argument("--max-concurrent", type=int, default=None, help="trials running at once")
+    ray.add_argument("--address", default=None, help="Ray cluster to join ('auto' for a running one)")
 
     status = commands.add_parser("status", help="table of the trials of a study")
     status.add_argument("study_name")
@@ -49,7 +55,12 @@ def _launch(args: argparse.Namespace) -> int:
 
     launch(
         args.study_file, args.storage, n_trials=args.n_trials, seed=args.seed, quiet=args.quiet,
-        cache_dir=args.cache_dir, max_failures=args.max_failures,
+        cache_dir=args.cache_dir, max_failures=args.max_failures, executor=args.executor,
+        **(
+            dict(gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
+                 max_concurrent=args.max_concurrent, address=args.address)
+            if args.executor == "ray" else {}
+        ),
     )
     return 0
 

@@ -10,12 +10,14 @@ import optuna
 from rich.console import Console
 
 from search.local import run_local
-from search.spec import StudySpec, load_spec
+from search.spec import SpecError, StudySpec, load_spec
 from search.storage import artifact_root, default_storage_url, open_storage, redact
 from search.study import finished_count, open_study, resolve_device
 from search.summary import print_best
 
 logger = logging.getLogger("lensnas")
+
+EXECUTORS = ("local", "ray")
 
 
 def launch(
@@ -28,11 +30,17 @@ def launch(
     cache_dir: str | Path | None = None,
     max_failures: int = 3,
     console: Console | None = None,
+    executor: str = "local",
+    **executor_options: Any,
 ) -> optuna.Study:
     """Run the study of ``spec`` (a StudySpec or a study file path) until it has its n_trials.
 
     Rerunning resumes the same study in the same storage; nothing is done twice.
+    ``executor`` is "local" (in-process) or "ray" (``executor_options``: gpus_per_trial,
+    cpus_per_trial, max_concurrent, address).
     """
+    if executor not in EXECUTORS:
+        raise SpecError(f"--executor: unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec)
     spec = spec.with_overrides(n_trials=n_trials, seed=seed)
@@ -48,10 +56,16 @@ def launch(
         for key, value in objective.trial_attrs().items():
             study.set_user_attr(key, value)
         device = resolve_device(spec.device)
-        failures = run_local(
-            spec, study, objective, device=device, artifact_root=artifact_root(url),
-            max_failures=max_failures, quiet=quiet, console=console,
+        common = dict(
+            device=device, artifact_root=artifact_root(url), max_failures=max_failures,
+            quiet=quiet, console=console,
         )
+        if executor == "ray":
+            from search.ray_executor import run_ray
+
+            failures = run_ray(spec, study, objective, storage_url=url, **common, **executor_options)
+        else:
+            failures = run_local(spec, study, objective, **common)
         if failures.stopped_reason:
             console.print(f"[red]{spec.name}: {failures.stopped_reason}")
     if not quiet:
