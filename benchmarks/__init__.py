@@ -1,0 +1,1 @@
+"""Benchmarks: measured in one run, printed as ratios; apart from the tests."""
