@@ -1,0 +1,259 @@
+"""SR data: deterministic lenstronomy simulations, disjoint splits, validated user folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from objectives.sr import SRObjective
+from objectives.sr_data import (
+    POPULATION_DEFAULTS,
+    LensSimulator,
+    folder_dataset,
+    instrument_preset,
+    normalize_per_image,
+    simulate_dataset,
+    simulation_config,
+    split_rng,
+)
+from spaces.dimensions import SpaceError
+
+COUNTS = {"train": 6, "validation": 3, "test": 3}
+
+
+def small_config(**overrides) -> dict:
+    options = {
+        "source": "simulate",
+        "scale": 2,
+        "hr_psf_fwhm": 0.0,
+        "supersampling": 1,
+        **POPULATION_DEFAULTS,
+        "lr_size": 24,
+        "lr_pixel_scale": 0.15,
+    }
+    options.update(overrides)
+    return simulation_config(options)
+
+
+def test_simulation_is_deterministic_under_a_seed():
+    config = small_config()
+    first = simulate_dataset(config, COUNTS, data_seed=11, progress=False)
+    second = simulate_dataset(config, COUNTS, data_seed=11, progress=False)
+    other = simulate_dataset(config, COUNTS, data_seed=12, progress=False)
+    assert set(first) == {f"{s}_{r}" for s in COUNTS for r in ("lr", "hr")}
+    for key, array in first.items():
+        assert np.array_equal(array, second[key])
+        assert not np.array_equal(array, other[key])
+
+
+def test_shapes_normalisation_and_physics():
+    arrays = simulate_dataset(small_config(), COUNTS, data_seed=3, progress=False)
+    assert arrays["train_lr"].shape == (6, 1, 24, 24) and arrays["train_hr"].shape == (6, 1, 48, 48)
+    for array in arrays.values():
+        assert array.dtype == np.float32
+        assert np.allclose(array.min(axis=(1, 2, 3)), 0.0) and np.allclose(
+            array.max(axis=(1, 2, 3)), 1.0
+        )
+    hr = arrays["test_hr"][:, 0]
+    border = np.concatenate([hr[:, 0], hr[:, -1], hr[:, :, 0], hr[:, :, -1]], axis=1)
+    assert (
+        border.mean() < 0.05 < hr[:, 16:32, 16:32].mean()
+    )  # light is near the lens, not at the edges
+
+
+def test_splits_are_disjoint():
+    arrays = simulate_dataset(small_config(), COUNTS, data_seed=4, progress=False)
+    images = {split: arrays[f"{split}_hr"].reshape(COUNTS[split], -1) for split in COUNTS}
+    for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        distances = np.abs(images[a][:, None] - images[b][None]).max(axis=2)
+        assert distances.min() > 1e-3
+    draws = [split_rng(4, split).random(8) for split in COUNTS]
+    assert not np.allclose(draws[0], draws[1]) and not np.allclose(draws[1], draws[2])
+
+
+def test_noise_and_psf_make_lr_differ_from_downsampled_hr():
+    simulator = LensSimulator(small_config(background_rms=0.0, exposure_time=1e12, psf_fwhm=0.0))
+    rng = np.random.default_rng(0)
+    kwargs_lens, kwargs_source = simulator.draw_parameters(rng)
+    lr, hr = simulator.render(kwargs_lens, kwargs_source, rng)
+    binned = hr.reshape(24, 2, 24, 2).sum(axis=(1, 3))
+    assert np.allclose(
+        lr, binned, rtol=1e-4, atol=1e-6 * hr.max()
+    )  # no PSF, no noise: exact binning
+    noisy = LensSimulator(small_config())
+    lr_noisy, hr_again = noisy.render(kwargs_lens, kwargs_source, np.random.default_rng(0))
+    assert np.allclose(hr_again, hr) and not np.allclose(lr_noisy, binned, atol=1e-3 * hr.max())
+
+
+@pytest.mark.parametrize("source", ["euclid", "hst"])
+def test_instrument_presets(source):
+    instrument = instrument_preset(source)
+    assert instrument["lr_size"] == 64 and instrument["background_rms"] > 0
+    config = simulation_config(
+        {
+            "source": source,
+            "scale": 2,
+            "hr_psf_fwhm": 0.0,
+            "supersampling": 1,
+            **POPULATION_DEFAULTS,
+        }
+    )
+    arrays = simulate_dataset(config, {"train": 1, "validation": 1, "test": 1}, 0, progress=False)
+    assert arrays["test_lr"].shape == (1, 1, 64, 64) and arrays["test_hr"].shape == (1, 1, 128, 128)
+
+
+def test_normalize_per_image_handles_constant_images():
+    images = np.stack([np.full((4, 4), 3.0), np.arange(16.0).reshape(4, 4)])
+    scaled = normalize_per_image(images)
+    assert np.all(scaled[0] == 0) and scaled[1].min() == 0 and scaled[1].max() == 1
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def write_pairs(
+    folder: Path, count: int, lr_shape=(8, 8), scale: int = 2, stem: str = "sample"
+) -> None:
+    rng = np.random.default_rng(count)
+    (folder / "LR").mkdir(parents=True, exist_ok=True)
+    (folder / "HR").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        lr = rng.random((1, *lr_shape)) * 7
+        hr = rng.random((1, lr_shape[0] * scale, lr_shape[1] * scale)) * 5
+        np.save(folder / "LR" / f"{stem}{i}.npy", lr)
+        np.save(folder / "HR" / f"{stem}{i}.npy", hr)
+
+
+def load(folder: Path, **overrides) -> dict:
+    options = {"validation_fraction": 0.2, "test_fraction": 0.2, "seed": 0, "normalize": True}
+    options.update(overrides)
+    return folder_dataset(folder, 2, **options)
+
+
+def test_good_folder_of_pairs_loads(tmp_path):
+    write_pairs(tmp_path, 10)
+    arrays = load(tmp_path)
+    assert [len(arrays[f"{s}_lr"]) for s in ("train", "validation", "test")] == [6, 2, 2]
+    assert arrays["train_hr"].shape[1:] == (1, 16, 16) and arrays["train_lr"].shape[1:] == (1, 8, 8)
+    assert all(array.min() >= 0 and array.max() <= 1 for array in arrays.values())
+    everything = np.concatenate([arrays[f"{s}_lr"] for s in ("train", "validation", "test")])
+    assert len(np.unique(everything.reshape(10, -1), axis=0)) == 10  # no pair in two splits
+    again = load(tmp_path)
+    assert all(np.array_equal(again[key], arrays[key]) for key in arrays)
+
+
+def test_good_folder_of_split_arrays_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("LR", "HR"):
+        (tmp_path / name).mkdir()
+    for split, count in (("train", 5), ("val", 2), ("test", 3)):
+        np.save(tmp_path / "LR" / f"{split}.npy", rng.random((count, 1, 6, 6)).astype(np.float32))
+        np.save(tmp_path / "HR" / f"{split}.npy", rng.random((count, 12, 12)).astype(np.float32))
+    arrays = load(tmp_path, normalize=False)
+    assert [len(arrays[f"{s}_hr"]) for s in ("train", "validation", "test")] == [5, 2, 3]
+    assert arrays["test_hr"].shape == (3, 1, 12, 12)
+
+
+def expect_error(folder: Path, path: Path, fragment: str, **overrides) -> None:
+    with pytest.raises(SpaceError) as raised:
+        load(folder, **overrides)
+    message = str(raised.value)
+    assert isinstance(raised.value, ValueError)
+    assert message.startswith(str(path)), message
+    assert fragment in message and "\n" not in message
+
+
+def test_folder_shape_mismatch_names_the_file(tmp_path):
+    write_pairs(tmp_path, 4)
+    bad = tmp_path / "HR" / "sample2.npy"
+    np.save(bad, np.zeros((1, 15, 16)))
+    expect_error(tmp_path, bad, "is not 2 x the LR shape")
+
+
+def test_folder_nan_names_the_file(tmp_path):
+    write_pairs(tmp_path, 4)
+    bad = tmp_path / "LR" / "sample1.npy"
+    image = np.ones((1, 8, 8))
+    image[0, 3, 3] = np.nan
+    np.save(bad, image)
+    expect_error(tmp_path, bad, "non-finite")
+
+
+def test_folder_missing_partner_names_the_file(tmp_path):
+    write_pairs(tmp_path, 4)
+    (tmp_path / "HR" / "sample3.npy").unlink()
+    expect_error(tmp_path, tmp_path / "LR" / "sample3.npy", "has no HR partner")
+    write_pairs(tmp_path, 4)
+    np.save(tmp_path / "HR" / "extra.npy", np.zeros((16, 16)))
+    expect_error(tmp_path, tmp_path / "HR" / "extra.npy", "has no LR partner")
+
+
+def test_folder_inconsistent_lr_shapes_and_counts(tmp_path):
+    write_pairs(tmp_path / "a", 3)
+    write_pairs(tmp_path / "a", 1, lr_shape=(9, 9), stem="z")
+    expect_error(tmp_path / "a", tmp_path / "a" / "LR" / "z0.npy", "differs from")
+    for name, count in (("LR", 4), ("HR", 3)):
+        (tmp_path / "b" / name).mkdir(parents=True)
+        np.save(
+            tmp_path / "b" / name / "train.npy",
+            np.zeros((count, 8, 8) if name == "LR" else (count, 16, 16)),
+        )
+    expect_error(tmp_path / "b", tmp_path / "b" / "HR" / "train.npy", "holds 3 images")
+
+
+def test_folder_unreadable_and_out_of_range(tmp_path):
+    write_pairs(tmp_path, 4)
+    bad = tmp_path / "LR" / "sample0.npy"
+    bad.write_bytes(b"not an array")
+    expect_error(tmp_path, bad, "unreadable")
+    write_pairs(tmp_path, 4)
+    expect_error(tmp_path, tmp_path / "LR" / "sample0.npy", "outside [0, 1]", normalize=False)
+    empty = tmp_path / "empty"
+    (empty / "LR").mkdir(parents=True)
+    (empty / "HR").mkdir()
+    expect_error(empty, empty / "LR", "contains no .npy files")
+    expect_error(tmp_path / "nowhere", tmp_path / "nowhere", "no such folder")
+
+
+def test_objective_folder_errors_are_one_line(tmp_path):
+    write_pairs(tmp_path, 6)
+    bad = tmp_path / "HR" / "sample4.npy"
+    np.save(bad, np.full((1, 16, 16), np.inf))
+    objective = SRObjective(
+        {"source": "folder", "folder": str(tmp_path)},
+        {},
+        seed=0,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    with pytest.raises(ValueError) as raised:
+        objective.prepare()
+    assert str(raised.value).startswith(str(bad)) and "\n" not in str(raised.value)
+
+
+def test_options_are_checked():
+    with pytest.raises(SpaceError, match="objective.source: must be one of"):
+        SRObjective.check_options({"source": "jwst"})
+    with pytest.raises(SpaceError, match="objective.einstein_radius: impossible range"):
+        SRObjective.check_options({"einstein_radius": [1.5, 1.0]})
+    with pytest.raises(
+        SpaceError, match=r"objective.source_axis_ratio: values must lie in \(0.0, 1.0\]"
+    ):
+        SRObjective.check_options({"source_axis_ratio": [0.5, 1.5]})
+    with pytest.raises(SpaceError, match="objective.lr_size: must be an integer"):
+        SRObjective.check_options({"lr_size": 7.5})
+    with pytest.raises(SpaceError, match="objective.psf_fwhm: must be a number"):
+        SRObjective.check_options({"psf_fwhm": "wide"})
+    with pytest.raises(SpaceError, match='objective.folder: is only used with source = "folder"'):
+        SRObjective.check_options({"folder": "data"})
+    with pytest.raises(SpaceError, match="objective.folder: .*no such folder"):
+        SRObjective.check_options({"source": "folder", "folder": "/no/such/folder"})
+    with pytest.raises(SpaceError, match="objective.n_trian: unknown key .*did you mean 'n_train'"):
+        SRObjective.check_options({"n_trian": 3})
+    options = SRObjective.check_options(
+        {"source": "hst", "einstein_radius": [1, 2], "psf_fwhm": 0.15}
+    )
+    assert options["einstein_radius"] == [1.0, 2.0] and options["psf_fwhm"] == 0.15
+    assert SRObjective.check_options(options) == options  # idempotent: the engine checks twice
