@@ -13,10 +13,11 @@ import torch
 
 from objectives.base import TrialContext
 from objectives.cache import cache_root, cached_arrays, config_hash
+from objectives.diagnostics import FIGURE, shear_residual_figure
 from objectives.options import check_options, require
 from objectives.shear_data import PROFILES, PSF_PROFILES, SPLITS, GalaxySimulation, simulate, simulation_config
 from objectives.shear_metrics import shear_metrics
-from objectives.training import REGRESSION_LOSSES, parameter_count, predict, train_model
+from objectives.training import REGRESSION_LOSSES, parameter_count, predict, seed_everything, train_model
 from spaces.shear_cnn import SHEAR_CNN, build_shear_cnn
 
 logger = logging.getLogger("lensnas.shear")
@@ -164,6 +165,7 @@ class ShearObjective:
         """Train the network sampled in ``params`` and return its test-set metrics."""
         self.prepare()
         config = self.family.config({**self.training, **params})
+        seed_everything(ctx.seed)  # the weight initialisation too
         model = self.build_model(params)
         result = train_model(
             model,
@@ -187,6 +189,7 @@ class ShearObjective:
             epochs_run=float(result.epochs_run),
         )
         self._save(result.model, params, ctx)
+        shear_residual_figure(Path(ctx.artifact_dir) / FIGURE, self.data["test.labels"], estimate)
         return metrics
 
     def _save(self, model: torch.nn.Module, params: dict[str, Any], ctx: TrialContext) -> None:

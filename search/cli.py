@@ -47,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="table of the trials of a study")
     status.add_argument("study_name")
     _storage_argument(status)
+
+    dashboard = commands.add_parser("dashboard", help="optuna-dashboard on the storage, with artifacts")
+    _storage_argument(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+
+    report = commands.add_parser("report", help="self-contained HTML report of a study")
+    report.add_argument("study_name")
+    _storage_argument(report)
+    report.add_argument("-o", "--output", default=None, help="HTML file (default: <study>-report.html)")
+
+    export = commands.add_parser("export", help="export the best trials as reloadable networks")
+    export.add_argument("study_name")
+    _storage_argument(export)
+    export.add_argument("--top", type=int, default=3, help="how many of the best trials (default: 3)")
+    export.add_argument("-o", "--output", default="best", help="folder (default: best/)")
     return parser
 
 
@@ -77,31 +93,60 @@ def load_study(name: str, storage_url: str | None) -> optuna.Study:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from search.summary import print_status
+    from search.summary import output_console, print_status
 
-    print_status(load_study(args.study_name, args.storage), Console())
+    print_status(load_study(args.study_name, args.storage), output_console())
     return 0
 
 
-COMMANDS = {"launch": _launch, "status": _status}
+def _dashboard(args: argparse.Namespace) -> int:
+    from search.dashboard import serve
+
+    serve(args.storage or default_storage_url(), host=args.host, port=args.port)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from search.report import write_report
+
+    url = args.storage or default_storage_url()
+    path = write_report(load_study(args.study_name, url), args.output or f"{args.study_name}-report.html", url)
+    print(f"report of {args.study_name} written to {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from search.export import export_study
+
+    url = args.storage or default_storage_url()
+    for folder in export_study(load_study(args.study_name, url), url, args.output, args.top):
+        print(f"exported {folder}")
+    return 0
+
+
+COMMANDS = {
+    "launch": _launch, "status": _status, "dashboard": _dashboard, "report": _report,
+    "export": _export,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lensnas`` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Failed trials are reported by lensnas with their reason, without Optuna's tracebacks.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    error_console = Console(stderr=True)
     try:
         return COMMANDS[args.command](args)
     except (SpecError, StorageError) as error:
-        error_console.print(f"lensnas {args.command}: error: {error}", markup=False, highlight=False)
+        print(f"lensnas {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        error_console.print(
+        print(
             f"lensnas {args.command}: interrupted; finished trials are kept, the running trial "
-            "was recorded as FAIL; run the same command again to continue"
+            "was recorded as FAIL; run the same command again to continue",
+            file=sys.stderr,
         )
         return EXIT_INTERRUPTED
 

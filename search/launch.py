@@ -13,7 +13,7 @@ from search.local import run_local
 from search.spec import SpecError, StudySpec, load_spec
 from search.storage import artifact_root, default_storage_url, open_storage, redact
 from search.study import finished_count, open_study, resolve_device
-from search.summary import print_best
+from search.summary import output_console, print_best
 
 logger = logging.getLogger("lensnas")
 
@@ -69,5 +69,5 @@ def launch(
         if failures.stopped_reason:
             console.print(f"[red]{spec.name}: {failures.stopped_reason}")
     if not quiet:
-        print_best(study, Console())
+        print_best(study, output_console())
     return study

@@ -56,6 +56,9 @@ def run_local(
         def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             nonlocal best
             best = _best_text(study)
+            if trial.state == optuna.trial.TrialState.FAIL:
+                reason = trial.user_attrs.get("fail_reason", "see the log")
+                progress.console.print(f"[red]trial {trial.number} failed:[/] {reason}", highlight=False)
             progress.update(task, completed=finished_count(study), status=f"{best} | trial {trial.number} {trial.state.name}")
 
         study.optimize(

@@ -13,9 +13,11 @@ from typing import Any, Callable
 
 import numpy as np
 import optuna
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
 from objectives.base import TrialPruned
+from search.artifacts import store_trial_artifacts
 from search.samplers import make_pruner, make_sampler
 from search.spec import SpecError, StudySpec
 from spaces.dimensions import admits, suggest
@@ -115,10 +117,13 @@ def evaluate(
     device: str,
     artifact_root: Path,
     on_log: Callable[[str], None] | None = None,
+    artifact_store: Any = None,
 ) -> list[float]:
     """Suggest params, run the objective, store its metrics as user attributes, return the values.
 
     A pruned trial raises optuna.TrialPruned; any other failure stores its reason and re-raises.
+    The files the trial wrote go to ``artifact_store`` (default: a file-system artifact store
+    rooted at ``artifact_root``), linked from the trial.
     """
     params = suggest(trial, list(spec.space))
     seed = trial_seed(spec.seed, trial.number)
@@ -127,8 +132,13 @@ def evaluate(
     ctx = OptunaContext(trial, device, artifact_dir, seed, spec.multi_objective, on_log)
     try:
         metrics = objective.run_trial(params, ctx)
+        store = artifact_store or FileSystemArtifactStore(artifact_root)
+        store_trial_artifacts(trial, artifact_dir, store=store)
     except TrialPruned as pruned:
         raise optuna.TrialPruned(str(pruned)) from None
+    except KeyboardInterrupt:
+        trial.set_user_attr(FAIL_REASON, "interrupted (Ctrl-C / SIGINT)")
+        raise
     except Exception as error:
         trial.set_user_attr(FAIL_REASON, f"{type(error).__name__}: {error}"[:2000])
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Sequence
 
 import optuna
@@ -29,6 +30,11 @@ def format_params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={format_value(v) if isinstance(v, float) else v}" for k, v in params.items())
 
 
+def output_console() -> Console:
+    """Stdout console; wide when not a terminal so piped tables keep one line per field."""
+    return Console() if sys.stdout.isatty() else Console(width=220)
+
+
 def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
     """The ``top`` best completed trials (Pareto front order for multi-objective studies)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -41,11 +47,11 @@ def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
 def trial_table(trials: Sequence[FrozenTrial], columns: Sequence[str], title: str) -> Table:
     """One row per trial: number, state, duration, metrics (with ± errors), params."""
     table = Table(title=title, title_justify="left")
-    table.add_column("trial", justify="right")
-    table.add_column("state")
-    table.add_column("seconds", justify="right")
+    table.add_column("trial", justify="right", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("seconds", justify="right", no_wrap=True)
     for column in columns:
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
     table.add_column("params / reason", overflow="fold")
     for trial in trials:
         attrs = trial.user_attrs

@@ -1,0 +1,122 @@
+"""End to end on one machine: launch, resume, status, presets, failures and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from objectives.base import LocalContext, TrialFailed
+from objectives.training import train_model
+from search import launch
+from search.cli import main
+from tests.conftest import write_tiny_shear_study
+
+METRIC_KEYS = {"rmse", "rmse_g1", "rmse_g2", "m1", "m1_err", "m2", "m2_err", "c1", "c1_err",
+               "c2", "c2_err", "linear_m1", "paired_m1", "n_params", "train_seconds"}
+
+
+def _load(storage: str, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_launch_resume_and_status(tmp_path, capsys):
+    study_file = write_tiny_shear_study(tmp_path, n_trials=3)
+    storage = f"sqlite:///{tmp_path}/lensnas.db"
+    assert main(["launch", str(study_file), "--storage", storage, "--n-trials", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "rmse" in out and "m1" in out and "±" in out  # best trials with errors
+
+    study = _load(storage)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(study.trials) == 2 and len(trials) == 2
+    first = study.trials[0]
+    assert first.user_attrs["preset"] == "shearnet_cnn"
+    assert first.params["width"] == 16 and first.params["depth"] == 2 and first.params["head"] == "dense"
+    for trial in trials:
+        assert METRIC_KEYS <= set(trial.user_attrs)
+        assert np.isfinite(trial.value) and trial.value == trial.user_attrs["rmse"]
+        assert len(trial.intermediate_values) == 2  # validation loss per epoch
+        assert (tmp_path / "lensnas-artifacts" / "tiny" / f"trial-{trial.number}" / "weights.pt").exists()
+    assert study.user_attrs["objective"] == "shear" and "dataset_key" in study.user_attrs
+
+    # the same command again continues up to n_trials from the file, no duplicates
+    assert main(["launch", str(study_file), "--storage", storage, "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert [t.state for t in _load(storage).trials] == [TrialState.COMPLETE] * 3
+    assert main(["launch", str(study_file), "--storage", storage, "--quiet"]) == 0
+    assert len(_load(storage).trials) == 3  # nothing to add
+
+    assert main(["status", "tiny", "--storage", storage]) == 0
+    status = capsys.readouterr().out
+    for number in range(3):
+        assert f"│     {number} │ COMPLETE" in status
+    assert "preset shearnet_cnn" in status
+
+    assert main(["status", "nope", "--storage", storage]) == 2
+    assert "study 'nope' not found" in capsys.readouterr().err
+
+
+def test_same_seed_gives_the_same_trials(tmp_path):
+    values = []
+    for run in ("a", "b"):
+        folder = tmp_path / run
+        folder.mkdir()
+        study = launch(write_tiny_shear_study(folder, n_trials=2), f"sqlite:///{folder}/s.db",
+                       quiet=True, cache_dir=tmp_path / "cache")
+        values.append([(t.params, t.value) for t in study.trials])
+    assert values[0] == values[1]
+
+
+def test_unreachable_storage_is_one_line(tmp_path, capsys):
+    study_file = write_tiny_shear_study(tmp_path)
+    code = main(["launch", str(study_file), "--storage", "postgresql://lens:s3cret@127.0.0.1:1/db"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "s3cret" not in err and "postgresql://lens:***@127.0.0.1:1/db" in err
+    code = main(["launch", str(study_file), "--storage", f"sqlite:///{tmp_path}/missing/dir/x.db"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_non_finite_loss_fails_the_trial_with_its_reason():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    x = np.ones((8, 1, 2, 2), np.float32)
+    y = np.zeros((8, 2), np.float32)
+    with pytest.raises(TrialFailed, match="non-finite training loss"):
+        train_model(model, (x, y), (x, y), loss_fn=torch.nn.MSELoss(), learning_rate=1e-3,
+                    batch_size=4, epochs=1, weight_decay=0.0, ctx=LocalContext())
+
+
+def test_ctrl_c_mid_trial_leaves_no_running_trial(tmp_path):
+    study_file = write_tiny_shear_study(tmp_path, n_trials=2, epochs=400)
+    storage = f"sqlite:///{tmp_path}/lensnas.db"
+    command = [sys.executable, "-m", "search.cli", "launch", str(study_file), "--storage", storage, "--quiet"]
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.time() + 300
+    running = []
+    while time.time() < deadline and not running:
+        time.sleep(0.5)
+        try:
+            running = _load(storage).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:
+            pass  # study not created yet
+    assert running, "no trial started"
+    time.sleep(1.0)  # mid-training
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    trials = _load(storage).trials
+    assert len(trials) == 1 and trials[0].state == TrialState.FAIL
+    assert not _load(storage).get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
