@@ -20,6 +20,7 @@ from spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
 POOLINGS = ("max", "avg", "conv", "none")
 HEADS = ("gap", "dense")
 MAX_WIDTH = 512
+MAX_DENSE_WEIGHTS = 200_000_000
 
 
 class ConvBlock(nn.Module):
@@ -83,6 +84,12 @@ class ShearCNN(nn.Module):
         if config["head"] == "gap":
             self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, outputs))
         else:
+            dense_weights = channels * size * size * config["dense_units"]
+            if dense_weights > MAX_DENSE_WEIGHTS:
+                raise ValueError(
+                    f"dense head of {dense_weights:,} weights exceeds {MAX_DENSE_WEIGHTS:,}: "
+                    "pool more, use fewer channels or head = 'gap'"
+                )
             self.head = nn.Sequential(
                 nn.Flatten(),
                 nn.Linear(channels * size * size, config["dense_units"]),
