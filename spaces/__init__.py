@@ -2,6 +2,7 @@
 
 from spaces.dimensions import Dimension, SpaceError, parse_space, suggest
 from spaces.family import Family
+from spaces.loading import ArchitectureError, load
 from spaces.shear_cnn import SHEAR_CNN
 from spaces.sr_net import SR_NET
 
@@ -15,4 +16,7 @@ def family(name: str) -> Family:
     return FAMILIES[name]
 
 
-__all__ = ["Dimension", "Family", "FAMILIES", "SpaceError", "family", "parse_space", "suggest"]
+__all__ = [
+    "ArchitectureError", "Dimension", "Family", "FAMILIES", "SpaceError", "family", "load",
+    "parse_space", "suggest",
+]

@@ -1,0 +1,289 @@
+"""Export the best trials of a study as reloadable networks.
+
+For each of the top K completed trials, ``DIR/trial-<n>/`` gets ``architecture.json`` and
+``weights.pt`` (from the artifact store), ``model.ts`` (TorchScript), ``model.onnx`` and a
+``MODEL_CARD.md``. ``spaces.load(DIR/trial-<n>)`` rebuilds the PyTorch network.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import FrozenTrial
+from torch import nn
+
+import spaces
+from search.artifacts import ARCHITECTURE, WEIGHTS, artifact_store, download_trial_artifacts
+from search.report import lensnas_version, metric_rows, reference_metrics
+from search.spec import SpecError, StudySpec
+from search.storage import redact
+from search.summary import best_trials, format_value, summary_columns
+from spaces.loading import ArchitectureError, read_architecture
+
+TORCHSCRIPT = "model.ts"
+ONNX = "model.onnx"
+MODEL_CARD = "MODEL_CARD.md"
+CHECK_BATCH = 3
+
+
+class ExportError(SpecError):
+    """A trial that cannot be exported (no stored artifacts, bad spec, missing exporter)."""
+
+
+Axes = dict[int, str]
+
+
+def example_input(
+    spec: dict[str, Any], batch: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, Axes, Axes]:
+    """A random input for the network of ``spec``; its and the output's dynamic axes."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = int(spec.get("in_channels", 1))
+    if spec["family"] == "shear_cnn":
+        size = int(spec["image_size"])
+        scale = 1.0 / float(spec.get("input_scale", 1.0))  # about the pixel noise of the stamps
+        x = torch.randn(batch, channels, size, size, generator=generator) * scale
+        return x, {0: "batch"}, {0: "batch"}
+    if spec["family"] == "sr_net":
+        x = torch.rand(batch, channels, 32, 32, generator=generator)
+        return x, {0: "batch", 2: "height", 3: "width"}, {0: "batch", 2: "out_height", 3: "out_width"}
+    raise ExportError(f"no example input known for model family {spec['family']!r}")
+
+
+def input_description(spec: dict[str, Any]) -> str:
+    """What the network takes and returns, in words."""
+    channels = int(spec.get("in_channels", 1))
+    if spec["family"] == "shear_cnn":
+        size = spec["image_size"]
+        extra = " (channel 2: the PSF image)" if channels == 2 else ""
+        return (
+            f"input: float32 tensor (N, {channels}, {size}, {size}) of galaxy stamps in the simulation's "
+            f"flux units{extra}; the network rescales inputs itself. output: (N, 2) = (g1, g2)."
+        )
+    if spec["family"] == "sr_net":
+        scale = spec.get("scale", 2)
+        return (
+            f"input: float32 tensor (N, {channels}, H, W) of low-resolution images normalised to [0, 1]; "
+            f"output: (N, {channels}, {scale}H, {scale}W) super-resolved images."
+        )
+    return "see architecture.json"
+
+
+def torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> torch.jit.ScriptModule:
+    """Trace ``model`` on ``x`` and save it as TorchScript at ``path``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(model, x)
+        torch.jit.save(traced, str(path))
+    return traced
+
+
+def explicit_padding(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ``padding="same"`` convolutions pad explicitly.
+
+    The ONNX exporter writes "same" as auto_pad=SAME_UPPER, which onnxruntime refuses for
+    dilated convolutions; explicit zero padding (asymmetric for even kernels, as PyTorch does)
+    computes the same outputs.
+    """
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Conv2d) or child.padding != "same":
+                continue
+            pads = []
+            for dilation, kernel in zip(child.dilation, child.kernel_size):
+                total = dilation * (kernel - 1)
+                pads.append((total // 2, total - total // 2))
+            (top, bottom), (left, right) = pads
+            if top == bottom and left == right:
+                child.padding = (top, left)
+            else:
+                child.padding = (0, 0)
+                setattr(parent, name, nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), child))
+    return model
+
+
+def onnx(model: nn.Module, x: torch.Tensor, axes: tuple[Axes, Axes], path: Path) -> None:
+    """Export ``model`` to ONNX at ``path`` (input "input", output "output")."""
+    try:
+        import onnx as _onnx  # noqa: F401  (the exporter needs it)
+    except ImportError:
+        raise ExportError(f"{path}: writing ONNX needs the onnx package (pip install onnx onnxruntime)") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            explicit_padding(model), (x,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
+            dynamic_axes={"input": axes[0], "output": axes[1]},
+        )
+
+
+def max_differences(model: nn.Module, folder: Path, spec: dict[str, Any]) -> dict[str, float]:
+    """Max |difference| of TorchScript and ONNX (onnxruntime, if installed) outputs vs PyTorch."""
+    x, _, _ = example_input(spec, batch=CHECK_BATCH, seed=1)
+    with torch.no_grad():
+        expected = model(x).numpy()
+        differences = {"torchscript": float(np.max(np.abs(torch.jit.load(str(folder / TORCHSCRIPT))(x).numpy() - expected)))}
+    try:
+        import onnxruntime
+    except ImportError:
+        return differences
+    session = onnxruntime.InferenceSession(str(folder / ONNX), providers=["CPUExecutionProvider"])
+    try:
+        (output,) = session.run(None, {"input": x.numpy()})
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise ExportError(f"{folder / ONNX}: onnxruntime cannot run the exported model ({error})") from None
+    differences["onnx"] = float(np.max(np.abs(output - expected)))
+    return differences
+
+
+def _fetch_artifacts(trial: FrozenTrial, storage_url: str, folder: Path) -> None:
+    """architecture.json and weights.pt (and any other trial file) from the artifact store."""
+    store = artifact_store(storage_url)
+    paths = download_trial_artifacts(trial, store, folder)
+    if ARCHITECTURE in paths and WEIGHTS in paths:
+        return
+    # Trials recorded before artifacts were uploaded: their artifact folder, if still present.
+    source = Path(str(trial.user_attrs.get("artifact_dir", "")))
+    if source.is_dir() and (source / ARCHITECTURE).is_file() and (source / WEIGHTS).is_file():
+        for path in source.iterdir():
+            if path.is_file():
+                shutil.copy2(path, folder / path.name)
+        return
+    raise ExportError(f"trial {trial.number}: no stored {ARCHITECTURE} and {WEIGHTS} in the artifact store")
+
+
+def export_trial(study: optuna.Study, trial: FrozenTrial, storage_url: str, folder: str | Path, rank: int = 1) -> Path:
+    """Export one completed trial into ``folder``; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _fetch_artifacts(trial, storage_url, folder)
+    try:
+        spec = read_architecture(folder)
+        model = spaces.load(folder)
+    except ArchitectureError as error:
+        raise ExportError(f"trial {trial.number}: {error}") from None
+    x, input_axes, output_axes = example_input(spec)
+    with torch.no_grad():
+        torchscript(model, x, folder / TORCHSCRIPT)
+        onnx(model, x, (input_axes, output_axes), folder / ONNX)
+    differences = max_differences(model, folder, spec)
+    (folder / MODEL_CARD).write_text(model_card(study, trial, spec, storage_url, rank, differences), encoding="utf-8")
+    return folder
+
+
+def export_study(study: optuna.Study, storage_url: str, output: str | Path = "best", top: int = 3) -> list[Path]:
+    """Export the ``top`` best completed trials of ``study`` into ``output/trial-<n>/``."""
+    if top < 1:
+        raise SpecError(f"--top: must be at least 1, got {top}")
+    trials = best_trials(study, top)
+    if not trials:
+        raise SpecError(f"study '{study.study_name}' has no completed trial to export")
+    output = Path(output)
+    return [
+        export_trial(study, trial, storage_url, output / f"trial-{trial.number}", rank)
+        for rank, trial in enumerate(trials, start=1)
+    ]
+
+
+def study_spec(study: optuna.Study) -> StudySpec:
+    """The StudySpec stored with the study (study user attribute "spec")."""
+    from search.spec import _validate
+    from spaces import SpaceError
+
+    raw = study.user_attrs.get("spec")
+    source = Path(str(study.user_attrs.get("study_file", f"study '{study.study_name}'")))
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the stored study has no spec (user attribute 'spec')")
+    try:
+        return _validate(source, raw)
+    except SpaceError as error:
+        raise SpecError(f"{source}: {error}") from None
+
+
+def study_objective(study: optuna.Study, cache_dir: str | Path | None = None) -> Any:
+    """The study's objective rebuilt from its stored spec, data prepared (a cache hit when kept).
+
+    Raises SpecError when the rebuilt dataset differs from the study's (e.g. a --seed override).
+    """
+    objective = study_spec(study).make_objective(cache_dir, progress=False)
+    stored = study.user_attrs.get("dataset_key")
+    if stored is not None and stored != objective.dataset_key:
+        raise SpecError(
+            f"study '{study.study_name}': dataset_key: the stored spec gives dataset {objective.dataset_key}, "
+            f"the study used {stored} (was the study launched with --seed?)"
+        )
+    objective.prepare()
+    return objective
+
+
+def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def model_card(
+    study: optuna.Study, trial: FrozenTrial, spec: dict[str, Any], storage_url: str, rank: int,
+    differences: dict[str, float],
+) -> str:
+    """MODEL_CARD.md: metrics with errors, reference comparison, data, seeds, how to load."""
+    attrs = study.user_attrs
+    raw = attrs.get("spec") if isinstance(attrs.get("spec"), dict) else {}
+    metrics = tuple(attrs.get("metrics", ()))
+    directions = [d.name.lower() for d in study.directions]
+    first = tuple(dict.fromkeys((*metrics, *summary_columns(study))))
+    metric_table = _table(
+        [(name, format_value(value), "" if error is None else f"{error:.2e}") for name, value, error in metric_rows(trial.user_attrs, first)],
+        ("metric", "value", "error"),
+    )
+    references = reference_metrics(study, trial)
+    if references:
+        keys = [k for k in first if any(k in r for r in references.values())] or sorted({k for r in references.values() for k in r if not k.endswith("_err")})
+        rows = [(f"this network (trial {trial.number})", *(format_value(trial.user_attrs.get(k), trial.user_attrs.get(f"{k}_err")) for k in keys))]
+        rows += [(name, *(format_value(r.get(k), r.get(f"{k}_err")) for k in keys)) for name, r in references.items()]
+        reference_text = _table(rows, ("estimator", *keys))
+    else:
+        reference_text = f"No reference-estimator metrics stored in this study (objective.reference = {raw.get('objective', {}).get('reference', 'none')!r})."
+    try:
+        stored = study_spec(study)
+        data = {"objective": stored.objective_options, "training": stored.training}
+    except SpecError:
+        data = {"objective": raw.get("objective", {}), "training": raw.get("training", {})}
+    data_text = json.dumps(data, indent=1, default=str)
+    counts = ", ".join(f"{k} = {attrs[k]}" for k in ("n_train", "n_validation", "n_test") if k in attrs)
+    study_seed = raw.get("study", {}).get("seed", 0)
+    checks = ", ".join(f"{name} max |difference| {value:.1e}" for name, value in differences.items())
+    preset = f" (preset {trial.user_attrs['preset']})" if "preset" in trial.user_attrs else ""
+    folder = f"trial-{trial.number}"
+    buffer = io.StringIO()
+    write = buffer.write
+    write(f"# {study.study_name}: trial {trial.number}{preset}\n\n")
+    write(f"Rank {rank} of the study's completed trials by {', '.join(f'{m} ({d})' for m, d in zip(metrics, directions))}. ")
+    write(f"Model family `{spec['family']}` version {spec['version']}; exported by lensnas {lensnas_version()}.\n\n")
+    write(f"- study: `{study.study_name}` in `{redact(storage_url)}`, objective `{attrs.get('objective')}`\n")
+    write(f"- dataset key: `{attrs.get('dataset_key', '?')}`{'; ' + counts if counts else ''}\n")
+    write(f"- seeds: study seed {study_seed} (data and sampler), trial training seed {trial.user_attrs.get('seed', '?')}\n")
+    write(f"- searched parameters: {', '.join(f'{k}={v}' for k, v in trial.params.items()) or 'none'}\n\n")
+    write(f"## Metrics (test set)\n\n{metric_table}\n\n")
+    write(f"## Reference estimators\n\n{reference_text}\n\n")
+    write(f"## Data configuration\n\nThe study's `[objective]` and `[training]` tables:\n\n```json\n{data_text}\n```\n\n")
+    write(f"## Architecture\n\n```json\n{json.dumps(spec, indent=1)}\n```\n\n{input_description(spec)}\n\n")
+    write("## Files\n\n")
+    write(f"- `{ARCHITECTURE}`, `{WEIGHTS}`: PyTorch architecture and state dict\n")
+    write(f"- `{TORCHSCRIPT}`: TorchScript (traced); `{ONNX}`: ONNX (input `input`, output `output`)\n")
+    write(f"- checked on a random input against PyTorch: {checks}\n\n")
+    write("## How to load\n\n```python\n")
+    write(f'import spaces  # pip install lensnas\nmodel = spaces.load("{folder}")  # nn.Module in eval mode\n\n')
+    write(f'import torch\nscripted = torch.jit.load("{folder}/{TORCHSCRIPT}")\n\n')
+    write(f'import onnxruntime\nsession = onnxruntime.InferenceSession("{folder}/{ONNX}")\n')
+    write('outputs = session.run(None, {"input": x.numpy()})[0]\n```\n')
+    return buffer.getvalue()

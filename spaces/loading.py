@@ -1,0 +1,91 @@
+"""Rebuild an exported network: ``spaces.load(folder)`` reads architecture.json and weights.pt.
+
+``architecture.json`` holds ``family``, ``version``, ``config`` (the family's architecture
+parameters) and the keyword arguments of the family's ``build`` (shear_cnn: in_channels,
+image_size, input_scale, output_scale; sr_net: in_channels, scale).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ARCHITECTURE_FILE = "architecture.json"
+WEIGHTS_FILE = "weights.pt"
+HEADER_KEYS = ("family", "version", "config")
+
+
+class ArchitectureError(ValueError):
+    """An architecture spec that cannot be rebuilt; the message names the file and the key."""
+
+
+def read_architecture(path: str | Path) -> dict[str, Any]:
+    """The architecture spec in ``path`` (a folder or its architecture.json), checked."""
+    from spaces import FAMILIES
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / ARCHITECTURE_FILE
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArchitectureError(f"{path}: no such architecture file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArchitectureError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(spec, dict):
+        raise ArchitectureError(f"{path}: must be a JSON object with keys {', '.join(HEADER_KEYS)}")
+    for key in HEADER_KEYS:
+        if key not in spec:
+            raise ArchitectureError(f"{path}: {key}: missing (required)")
+    name = spec["family"]
+    if name not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise ArchitectureError(f"{path}: family: unknown model family {name!r}; known: {known}")
+    version = spec["version"]
+    supported = FAMILIES[name].version
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ArchitectureError(f"{path}: version: must be a positive integer, got {version!r}")
+    if version > supported:
+        raise ArchitectureError(
+            f"{path}: version: {name} version {version} is newer than the version this lensnas "
+            f"reads ({supported}); upgrade lensnas"
+        )
+    if not isinstance(spec["config"], dict):
+        raise ArchitectureError(f"{path}: config: must be a JSON object, got {spec['config']!r}")
+    return spec
+
+
+def build(spec: dict[str, Any], source: str | Path = "architecture") -> nn.Module:
+    """The untrained network of an architecture spec (``source`` names it in errors)."""
+    from spaces import FAMILIES
+
+    family = FAMILIES[spec["family"]]
+    missing = [key for key in family.architecture_keys if key not in spec["config"]]
+    if missing:
+        raise ArchitectureError(f"{source}: config.{missing[0]}: missing (required by {family.name})")
+    arguments = {key: value for key, value in spec.items() if key not in HEADER_KEYS}
+    try:
+        return family.build(spec["config"], **arguments)
+    except TypeError as error:
+        raise ArchitectureError(f"{source}: {family.name} cannot be built from it ({error})") from None
+
+
+def load(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The network exported in ``folder`` (architecture.json + weights.pt), in eval mode."""
+    folder = Path(folder)
+    spec = read_architecture(folder)
+    model = build(spec, folder / ARCHITECTURE_FILE)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArchitectureError(f"{weights}: no such weights file")
+    state = torch.load(weights, map_location=map_location, weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise ArchitectureError(f"{weights}: weights do not fit the architecture ({' '.join(first[:2])})") from None
+    return model.eval()
