@@ -14,16 +14,33 @@ import torch
 from objectives.base import TrialContext
 from objectives.cache import cache_root, cached_arrays, config_hash
 from objectives.diagnostics import FIGURE, shear_residual_figure
+from objectives.ngmix_backend import INSTALL_HINT
 from objectives.options import check_options, require
-from objectives.shear_data import PROFILES, PSF_PROFILES, SPLITS, GalaxySimulation, simulate, simulation_config
+from objectives.reference import cached_measure, is_available
+from objectives.shear_data import (
+    PROFILES,
+    PSF_PROFILES,
+    SPLITS,
+    GalaxySimulation,
+    simulate,
+    simulation_config,
+)
 from objectives.shear_metrics import shear_metrics
-from objectives.training import REGRESSION_LOSSES, parameter_count, predict, seed_everything, train_model
+from objectives.training import (
+    REGRESSION_LOSSES,
+    parameter_count,
+    predict,
+    seed_everything,
+    train_model,
+)
+from spaces.dimensions import SpaceError
 from spaces.shear_cnn import SHEAR_CNN, build_shear_cnn
 
 logger = logging.getLogger("lensnas.shear")
 
 SIMULATION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GalaxySimulation)}
 REFERENCES = ("none", "metacal", "hsm", "ngmix")
+RELATIVE_METRICS = ("rmse_ratio", "abs_m_diff")
 
 
 class StampInputs:
@@ -54,7 +71,7 @@ class ShearObjective:
         "n_validation": 500,
         "n_test": 1000,
         "psf_channel": False,
-        "reference": "none",
+        "reference": "metacal",
         **SIMULATION_DEFAULTS,
     }
     METRICS: dict[str, str] = {
@@ -63,12 +80,14 @@ class ShearObjective:
         "rmse_g2": "minimize",
         "abs_m": "minimize",
         "abs_c": "minimize",
+        "rmse_ratio": "minimize",
+        "abs_m_diff": "minimize",
         "best_val_loss": "minimize",
         "n_params": "minimize",
         "train_seconds": "minimize",
     }
     DEFAULT_METRIC = "rmse"
-    SUMMARY = ("rmse", "m1", "m2", "c1", "c2")
+    SUMMARY = ("rmse", "m1", "m2", "c1", "c2", "rmse_ratio")
 
     def __init__(
         self,
@@ -93,6 +112,8 @@ class ShearObjective:
         self.data: dict[str, np.ndarray] | None = None
         self.dataset_key = config_hash(self.dataset_config())
         self.cache_hit: bool | None = None
+        self.reference_metrics: dict[str, float] = {}
+        self.reference_estimate: np.ndarray | None = None
 
     @classmethod
     def check_options(cls, table: dict[str, Any], prefix: str = "objective") -> dict[str, Any]:
@@ -112,7 +133,16 @@ class ShearObjective:
         require(options["intrinsic_ellipticity_sigma"] >= 0, f"{prefix}.intrinsic_ellipticity_sigma", "must be >= 0")
         for key, allowed in (("profile", PROFILES), ("psf_profile", PSF_PROFILES), ("reference", REFERENCES)):
             require(options[key] in allowed, f"{prefix}.{key}", f"must be one of {', '.join(allowed)}, got {options[key]!r}")
+        if options["reference"] != "none":
+            require(is_available(options["reference"]), f"{prefix}.reference", f"{INSTALL_HINT}; or use metacal, hsm")
         return options
+
+    @classmethod
+    def check_metrics(cls, metrics: tuple[str, ...], options: dict[str, Any], prefix: str = "study.metrics") -> None:
+        """Metrics relative to the reference need one."""
+        for metric in metrics:
+            if metric in RELATIVE_METRICS and options["reference"] == "none":
+                raise SpaceError(prefix, f"'{metric}' compares with the reference estimator; set objective.reference to metacal, hsm or ngmix")
 
     def dataset_config(self) -> dict[str, Any]:
         """What the dataset cache key is made of."""
@@ -128,6 +158,27 @@ class ShearObjective:
         )
         logger.info("shear dataset %s (%s)", self.dataset_key, "cache hit" if self.cache_hit else "simulated")
         self.input_scale = 1.0 / float(np.std(self.data["train.images"][:1000]) or 1.0)
+        self.reference_metrics = self._reference_metrics()
+
+    def _reference_metrics(self) -> dict[str, float]:
+        """The reference estimator on the paired test set (computed once, cached): ``ref_*`` metrics."""
+        name = self.options["reference"]
+        if name == "none":
+            return {}
+        results = [
+            cached_measure(
+                name, self.data[f"test.{images}"], self.data["psf_image"], self.simulation.pixel_scale,
+                self.simulation.noise_sigma, cache_dir=self.cache_dir,
+                dataset_key=f"{self.dataset_key}-test.{images}", progress=self.progress,
+            )
+            for images in ("images", "images_minus")
+        ]
+        ok = results[0].ok & results[1].ok
+        metrics = shear_metrics(results[0].g[ok], self.data["test.labels"][ok], results[1].g[ok], prefix="ref_")
+        metrics["ref_n_failed"] = float(np.count_nonzero(~ok))
+        metrics["ref_galaxies_per_core_second"] = results[0].galaxies_per_core_second
+        self.reference_estimate = results[0].g
+        return metrics
 
     def _simulate(self, total: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         from rich.progress import Progress
@@ -188,8 +239,14 @@ class ShearObjective:
             best_val_loss=result.best_val_loss,
             epochs_run=float(result.epochs_run),
         )
+        if self.reference_metrics:
+            metrics.update(self.reference_metrics)
+            metrics["rmse_ratio"] = metrics["rmse"] / metrics["ref_rmse"]
+            metrics["abs_m_diff"] = metrics["abs_m"] - metrics["ref_abs_m"]
         self._save(result.model, params, ctx)
-        shear_residual_figure(Path(ctx.artifact_dir) / FIGURE, self.data["test.labels"], estimate)
+        shear_residual_figure(
+            Path(ctx.artifact_dir) / FIGURE, self.data["test.labels"], estimate, self.reference_estimate
+        )
         return metrics
 
     def _save(self, model: torch.nn.Module, params: dict[str, Any], ctx: TrialContext) -> None:
@@ -199,5 +256,10 @@ class ShearObjective:
         (folder / "architecture.json").write_text(json.dumps(self.architecture(params), indent=1))
 
     def trial_attrs(self) -> dict[str, Any]:
-        """Study-wide facts: the dataset key and split sizes."""
-        return {"dataset_key": self.dataset_key, **{f"n_{split}": self.counts[split] for split in SPLITS}}
+        """Study-wide facts: the dataset key, split sizes and the reference's metrics."""
+        return {
+            "dataset_key": self.dataset_key,
+            "reference": self.options["reference"],
+            **{f"n_{split}": self.counts[split] for split in SPLITS},
+            **self.reference_metrics,
+        }

@@ -67,7 +67,7 @@ class StudySpec:
     def multi_objective(self) -> bool:
         return len(self.metrics) > 1
 
-    def with_overrides(self, n_trials: int | None = None, seed: int | None = None) -> "StudySpec":
+    def with_overrides(self, n_trials: int | None = None, seed: int | None = None) -> StudySpec:
         """The same spec with ``n_trials`` and/or ``seed`` replaced (CLI overrides)."""
         changes: dict[str, Any] = {}
         if n_trials is not None:
@@ -189,6 +189,8 @@ def _validate(path: Path, raw: dict[str, Any]) -> StudySpec:
     family.check_space(space)
     training, device = _training(raw.get("training", {}), family, {d.name for d in space})
     options = cls.check_options(raw.get("objective", {}))
+    if hasattr(cls, "check_metrics"):
+        cls.check_metrics(metrics, options)
 
     presets = _string_list("study.presets", study["presets"]) if study.get("presets", []) != [] else ()
     for i, preset in enumerate(presets):
