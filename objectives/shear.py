@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class ShearObjective:
 
     name = "shear"
     family = SHEAR_CNN
-    OPTIONS: dict[str, Any] = {
+    OPTIONS: ClassVar[dict[str, Any]] = {
         "n_train": 2000,
         "n_validation": 500,
         "n_test": 1000,
@@ -74,7 +74,7 @@ class ShearObjective:
         "reference": "metacal",
         **SIMULATION_DEFAULTS,
     }
-    METRICS: dict[str, str] = {
+    METRICS: ClassVar[dict[str, str]] = {
         "rmse": "minimize",
         "rmse_g1": "minimize",
         "rmse_g2": "minimize",
