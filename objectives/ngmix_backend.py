@@ -33,7 +33,7 @@ def available() -> bool:
     return importlib.util.find_spec("ngmix") is not None
 
 
-def _runners(ngmix, fitter: str, rng: np.random.RandomState, psf_T: float):
+def _runners(ngmix, fitter: str, rng: np.random.RandomState, T_guess: float):
     psf_fitter = ngmix.admom.AdmomFitter(rng=rng)
     psf_guesser = ngmix.guessers.GMixPSFGuesser(rng=rng, ngauss=1, guess_from_moms=True)
     psf_runner = ngmix.runners.PSFRunner(fitter=psf_fitter, guesser=psf_guesser, ntry=4)
@@ -46,7 +46,7 @@ def _runners(ngmix, fitter: str, rng: np.random.RandomState, psf_T: float):
     else:
         runner = ngmix.runners.Runner(
             fitter=ngmix.fitting.Fitter(model="gauss"),
-            guesser=ngmix.guessers.TPSFFluxGuesser(rng=rng, T=psf_T),
+            guesser=ngmix.guessers.TPSFFluxGuesser(rng=rng, T=T_guess),
             ntry=2,
         )
     return runner, psf_runner
@@ -68,8 +68,10 @@ def measure_chunk(
     """Per-object ``e`` (N, 2), ``R`` (N, 2, 2) and ``ok`` (N,) from NGMix metacal."""
     try:
         import ngmix
+        from ngmix.gexceptions import BootGalFailure, BootPSFFailure, GMixFatalError, GMixRangeError
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
+    failures = (BootPSFFailure, BootGalFailure, GMixRangeError, GMixFatalError)
     if fitter not in NGMIX_FITTERS:
         raise ValueError(f"ngmix fitter must be one of {', '.join(NGMIX_FITTERS)}, got {fitter!r}")
     shape_key = "e" if fitter == "admom" else "g"
@@ -102,7 +104,7 @@ def measure_chunk(
             jacobian=ngmix.DiagonalJacobian(row=centre[0], col=centre[1], scale=pixel_scale),
             psf=psf_obs,
         )
-        runner, psf_runner = _runners(ngmix, fitter, rng, psf_T=4 * pixel_scale**2)
+        runner, psf_runner = _runners(ngmix, fitter, rng, T_guess=4 * pixel_scale**2)
         boot = ngmix.metacal.MetacalBootstrapper(
             runner=runner,
             psf_runner=psf_runner,
@@ -113,14 +115,11 @@ def measure_chunk(
             types=METACAL_TYPES,
         )
         try:
-            results, _ = boot.go(obs)
-        except (
-            ngmix.gexceptions.BootPSFFailure,
-            ngmix.gexceptions.BootGalFailure,
-            ngmix.gexceptions.GMixRangeError,
-            ngmix.gexceptions.GMixFatalError,
-        ):
+            outcome = boot.go(obs)
+        except failures:
             continue
+        # ngmix 2.x returns (results, observations); some versions keep them on the bootstrapper
+        results = outcome[0] if isinstance(outcome, tuple) else boot.result
         if any(results[key]["flags"] != 0 for key in METACAL_TYPES):
             continue
         e[i] = results["noshear"][shape_key]

@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class ReferenceResult:
     e: np.ndarray | None = None
     R: np.ndarray | None = None
     cache_hit: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:

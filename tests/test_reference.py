@@ -174,7 +174,7 @@ def test_cache_hit_and_corrupted_entry_recomputed(tmp_path, caplog):
     images = simulate_split(simulation, np.random.SeedSequence(3), 12)["images"]
     psf = simulation.psf_image()
     args = ("metacal", images, psf, 0.2, 1e-5)
-    kwargs = dict(cache_dir=tmp_path, dataset_key="test-set-abc", progress=False, workers=1)
+    kwargs = {"cache_dir": tmp_path, "dataset_key": "test-set-abc", "progress": False, "workers": 1}
     caplog.set_level(logging.INFO, logger="lensnas")
 
     first = cached_measure(*args, **kwargs)
