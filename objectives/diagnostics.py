@@ -44,7 +44,10 @@ def shear_residual_figure(
             reference_values = np.asarray(reference, float)[: len(truth)]
             ok = np.isfinite(reference_values[:, i])
             ax.scatter(
-                truth[ok, i], reference_values[ok, i] - truth[ok, i], s=4, alpha=0.5,
+                truth[ok, i],
+                reference_values[ok, i] - truth[ok, i],
+                s=4,
+                alpha=0.5,
                 label=reference_name,
             )
         ax.set_xlabel(f"true g{i + 1}")
@@ -62,7 +65,9 @@ def sr_panels_figure(
     images = {name: np.squeeze(np.asarray(image, float)) for name, image in panels.items()}
     for name, image in images.items():
         if image.ndim != 2:
-            raise ValueError(f"sr_panels_figure: {name} must be one 2-D image, got shape {image.shape}")
+            raise ValueError(
+                f"sr_panels_figure: {name} must be one 2-D image, got shape {image.shape}"
+            )
     low = min(float(image.min()) for image in images.values())
     high = max(float(image.max()) for image in images.values())
     figure = Figure(figsize=(12, 3.4), layout="constrained")

@@ -19,6 +19,7 @@ import torch
 
 from objectives.base import TrialContext
 from objectives.cache import cache_root, cached_arrays, config_hash
+from objectives.diagnostics import FIGURE, sr_panels_figure
 from objectives.options import check_options, require
 from objectives.sr_data import (
     INSTRUMENT_KEYS,
@@ -323,6 +324,10 @@ class SRObjective:
         )
         ctx.log(f"PSNR {metrics['psnr']:.2f} dB ({metrics['psnr_gain']:+.2f} over bicubic)")
         self._save(result.model, params, ctx)
+        sr_panels_figure(
+            Path(ctx.artifact_dir) / FIGURE, data["test_lr"][0], data["test_bicubic"][0],
+            np.clip(prediction[0], 0.0, 1.0), data["test_hr"][0],
+        )
         return metrics
 
     def _save(self, model: torch.nn.Module, params: dict[str, Any], ctx: TrialContext) -> None:

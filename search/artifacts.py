@@ -19,6 +19,13 @@ from search.storage import artifact_root
 ARTIFACTS_ATTR = "artifacts"
 WEIGHTS = "weights.pt"
 ARCHITECTURE = "architecture.json"
+# Suffixes that mimetypes guesses wrongly (.pt, .ts) or not at all.
+MIME_TYPES = {
+    ".pt": "application/octet-stream",
+    ".ts": "application/octet-stream",
+    ".onnx": "application/octet-stream",
+    ".md": "text/markdown",
+}
 
 
 def artifact_store(storage_url: str) -> FileSystemArtifactStore:
@@ -47,7 +54,12 @@ def store_trial_artifacts(
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     ids = {}
     for path in files:
-        ids[path.name] = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+        ids[path.name] = upload_artifact(
+            artifact_store=store,
+            file_path=str(path),
+            study_or_trial=trial,
+            mimetype=MIME_TYPES.get(path.suffix),
+        )
     if ids:
         trial.set_user_attr(ARTIFACTS_ATTR, ids)
     return ids
@@ -60,7 +72,9 @@ def trial_artifact_ids(trial: FrozenTrial) -> dict[str, str]:
 
 
 def download_trial_artifacts(
-    trial: FrozenTrial, store: FileSystemArtifactStore, folder: str | Path,
+    trial: FrozenTrial,
+    store: FileSystemArtifactStore,
+    folder: str | Path,
     names: tuple[str, ...] | None = None,
 ) -> dict[str, Path]:
     """Download the trial's artifacts (all, or only ``names``) into ``folder``; {filename: path}."""
@@ -78,7 +92,9 @@ def download_trial_artifacts(
     return paths
 
 
-def read_trial_artifact(trial: FrozenTrial, store: FileSystemArtifactStore, name: str) -> bytes | None:
+def read_trial_artifact(
+    trial: FrozenTrial, store: FileSystemArtifactStore, name: str
+) -> bytes | None:
     """The bytes of one artifact of the trial, or None if the trial has no such file."""
     artifact_id = trial_artifact_ids(trial).get(name)
     if artifact_id is None:

@@ -32,9 +32,12 @@ def serve(
     print(
         f"lensnas dashboard: {redact(storage_url)} (artifacts in {artifact_root(storage_url)}) at "
         f"{dashboard_url(host, port)} (Ctrl-C to stop)",
-        file=out, flush=True,
+        file=out,
+        flush=True,
     )
     try:
         run_server(storage, host=host, port=port, artifact_store=store)
     except OSError as error:
-        raise SpecError(f"--port: cannot listen on {host}:{port} ({error.strerror or error})") from None
+        raise SpecError(
+            f"--port: cannot listen on {host}:{port} ({error.strerror or error})"
+        ) from None

@@ -8,7 +8,6 @@ For each of the top K completed trials, ``DIR/trial-<n>/`` gets ``architecture.j
 from __future__ import annotations
 
 import copy
-import io
 import json
 import shutil
 import warnings
@@ -55,7 +54,11 @@ def example_input(
         return x, {0: "batch"}, {0: "batch"}
     if spec["family"] == "sr_net":
         x = torch.rand(batch, channels, 32, 32, generator=generator)
-        return x, {0: "batch", 2: "height", 3: "width"}, {0: "batch", 2: "out_height", 3: "out_width"}
+        return (
+            x,
+            {0: "batch", 2: "height", 3: "width"},
+            {0: "batch", 2: "out_height", 3: "out_width"},
+        )
     raise ExportError(f"no example input known for model family {spec['family']!r}")
 
 
@@ -66,14 +69,15 @@ def input_description(spec: dict[str, Any]) -> str:
         size = spec["image_size"]
         extra = " (channel 2: the PSF image)" if channels == 2 else ""
         return (
-            f"input: float32 tensor (N, {channels}, {size}, {size}) of galaxy stamps in the simulation's "
-            f"flux units{extra}; the network rescales inputs itself. output: (N, 2) = (g1, g2)."
+            f"input: float32 tensor (N, {channels}, {size}, {size}) of galaxy stamps in the "
+            f"simulation's flux units{extra}; the network rescales inputs itself. "
+            "output: (N, 2) = (g1, g2)."
         )
     if spec["family"] == "sr_net":
         scale = spec.get("scale", 2)
         return (
-            f"input: float32 tensor (N, {channels}, H, W) of low-resolution images normalised to [0, 1]; "
-            f"output: (N, {channels}, {scale}H, {scale}W) super-resolved images."
+            f"input: float32 tensor (N, {channels}, H, W) of low-resolution images normalised to "
+            f"[0, 1]; output: (N, {channels}, {scale}H, {scale}W) super-resolved images."
         )
     return "see architecture.json"
 
@@ -108,7 +112,9 @@ def explicit_padding(model: nn.Module) -> nn.Module:
                 child.padding = (top, left)
             else:
                 child.padding = (0, 0)
-                setattr(parent, name, nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), child))
+                setattr(
+                    parent, name, nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), child)
+                )
     return model
 
 
@@ -117,11 +123,18 @@ def onnx(model: nn.Module, x: torch.Tensor, axes: tuple[Axes, Axes], path: Path)
     try:
         import onnx as _onnx  # noqa: F401  (the exporter needs it)
     except ImportError:
-        raise ExportError(f"{path}: writing ONNX needs the onnx package (pip install onnx onnxruntime)") from None
+        raise ExportError(
+            f"{path}: writing ONNX needs the onnx package (pip install onnx onnxruntime)"
+        ) from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            explicit_padding(model), (x,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
+            explicit_padding(model),
+            (x,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output"],
             dynamic_axes={"input": axes[0], "output": axes[1]},
         )
 
@@ -129,9 +142,11 @@ def onnx(model: nn.Module, x: torch.Tensor, axes: tuple[Axes, Axes], path: Path)
 def max_differences(model: nn.Module, folder: Path, spec: dict[str, Any]) -> dict[str, float]:
     """Max |difference| of TorchScript and ONNX (onnxruntime, if installed) outputs vs PyTorch."""
     x, _, _ = example_input(spec, batch=CHECK_BATCH, seed=1)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         expected = model(x).numpy()
-        differences = {"torchscript": float(np.max(np.abs(torch.jit.load(str(folder / TORCHSCRIPT))(x).numpy() - expected)))}
+        scripted = torch.jit.load(str(folder / TORCHSCRIPT))(x).numpy()
+    differences = {"torchscript": float(np.max(np.abs(scripted - expected)))}
     try:
         import onnxruntime
     except ImportError:
@@ -139,8 +154,10 @@ def max_differences(model: nn.Module, folder: Path, spec: dict[str, Any]) -> dic
     session = onnxruntime.InferenceSession(str(folder / ONNX), providers=["CPUExecutionProvider"])
     try:
         (output,) = session.run(None, {"input": x.numpy()})
-    except Exception as error:  # onnxruntime raises its own exception types
-        raise ExportError(f"{folder / ONNX}: onnxruntime cannot run the exported model ({error})") from None
+    except Exception as error:  # noqa: BLE001 (onnxruntime's errors subclass only Exception)
+        raise ExportError(
+            f"{folder / ONNX}: onnxruntime cannot run the exported model ({error})"
+        ) from None
     differences["onnx"] = float(np.max(np.abs(output - expected)))
     return differences
 
@@ -158,10 +175,14 @@ def _fetch_artifacts(trial: FrozenTrial, storage_url: str, folder: Path) -> None
             if path.is_file():
                 shutil.copy2(path, folder / path.name)
         return
-    raise ExportError(f"trial {trial.number}: no stored {ARCHITECTURE} and {WEIGHTS} in the artifact store")
+    raise ExportError(
+        f"trial {trial.number}: no stored {ARCHITECTURE} and {WEIGHTS} in the artifact store"
+    )
 
 
-def export_trial(study: optuna.Study, trial: FrozenTrial, storage_url: str, folder: str | Path, rank: int = 1) -> Path:
+def export_trial(
+    study: optuna.Study, trial: FrozenTrial, storage_url: str, folder: str | Path, rank: int = 1
+) -> Path:
     """Export one completed trial into ``folder``; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,11 +197,15 @@ def export_trial(study: optuna.Study, trial: FrozenTrial, storage_url: str, fold
         torchscript(model, x, folder / TORCHSCRIPT)
         onnx(model, x, (input_axes, output_axes), folder / ONNX)
     differences = max_differences(model, folder, spec)
-    (folder / MODEL_CARD).write_text(model_card(study, trial, spec, storage_url, rank, differences), encoding="utf-8")
+    (folder / MODEL_CARD).write_text(
+        model_card(study, trial, spec, storage_url, rank, differences), encoding="utf-8"
+    )
     return folder
 
 
-def export_study(study: optuna.Study, storage_url: str, output: str | Path = "best", top: int = 3) -> list[Path]:
+def export_study(
+    study: optuna.Study, storage_url: str, output: str | Path = "best", top: int = 3
+) -> list[Path]:
     """Export the ``top`` best completed trials of ``study`` into ``output/trial-<n>/``."""
     if top < 1:
         raise SpecError(f"--top: must be at least 1, got {top}")
@@ -215,14 +240,19 @@ def study_objective(study: optuna.Study, cache_dir: str | Path | None = None) ->
     Raises SpecError when the rebuilt dataset differs from the study's (e.g. a --seed override).
     """
     objective = study_spec(study).make_objective(cache_dir, progress=False)
-    stored = study.user_attrs.get("dataset_key")
-    if stored is not None and stored != objective.dataset_key:
+    _check_dataset(study, objective)  # before simulating anything, when the key is known
+    objective.prepare()
+    _check_dataset(study, objective)
+    return objective
+
+
+def _check_dataset(study: optuna.Study, objective: Any) -> None:
+    stored, key = study.user_attrs.get("dataset_key"), getattr(objective, "dataset_key", None)
+    if stored is not None and key is not None and key != stored:
         raise SpecError(
-            f"study '{study.study_name}': dataset_key: the stored spec gives dataset {objective.dataset_key}, "
+            f"study '{study.study_name}': dataset_key: the stored spec gives dataset {key}, "
             f"the study used {stored} (was the study launched with --seed?)"
         )
-    objective.prepare()
-    return objective
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -231,8 +261,42 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def _reference_text(study: optuna.Study, trial: FrozenTrial, first: tuple[str, ...]) -> str:
+    """The network's and the reference estimators' metrics side by side (markdown)."""
+    references = reference_metrics(study, trial)
+    if not references:
+        name = study.user_attrs.get("reference", "none")
+        return f"No reference-estimator metrics stored in this study (reference: {name!r})."
+    keys = [k for k in first if any(k in r for r in references.values())]
+    if not keys:
+        keys = sorted({k for r in references.values() for k in r if not k.endswith("_err")})
+    rows = {f"this network (trial {trial.number})": trial.user_attrs, **references}
+    return _table(
+        [
+            (name, *(format_value(r.get(k), r.get(f"{k}_err")) for k in keys))
+            for name, r in rows.items()
+        ],
+        ("estimator", *keys),
+    )
+
+
+def _data_configuration(study: optuna.Study) -> dict[str, Any]:
+    """The study's objective options and training settings (defaults filled in when valid)."""
+    try:
+        stored = study_spec(study)
+        return {"objective": stored.objective_options, "training": stored.training}
+    except SpecError:
+        raw = study.user_attrs.get("spec")
+        raw = raw if isinstance(raw, dict) else {}
+        return {"objective": raw.get("objective", {}), "training": raw.get("training", {})}
+
+
 def model_card(
-    study: optuna.Study, trial: FrozenTrial, spec: dict[str, Any], storage_url: str, rank: int,
+    study: optuna.Study,
+    trial: FrozenTrial,
+    spec: dict[str, Any],
+    storage_url: str,
+    rank: int,
     differences: dict[str, float],
 ) -> str:
     """MODEL_CARD.md: metrics with errors, reference comparison, data, seeds, how to load."""
@@ -242,48 +306,85 @@ def model_card(
     directions = [d.name.lower() for d in study.directions]
     first = tuple(dict.fromkeys((*metrics, *summary_columns(study))))
     metric_table = _table(
-        [(name, format_value(value), "" if error is None else f"{error:.2e}") for name, value, error in metric_rows(trial.user_attrs, first)],
+        [
+            (name, format_value(value), "" if error is None else f"{error:.2e}")
+            for name, value, error in metric_rows(trial.user_attrs, first)
+        ],
         ("metric", "value", "error"),
     )
-    references = reference_metrics(study, trial)
-    if references:
-        keys = [k for k in first if any(k in r for r in references.values())] or sorted({k for r in references.values() for k in r if not k.endswith("_err")})
-        rows = [(f"this network (trial {trial.number})", *(format_value(trial.user_attrs.get(k), trial.user_attrs.get(f"{k}_err")) for k in keys))]
-        rows += [(name, *(format_value(r.get(k), r.get(f"{k}_err")) for k in keys)) for name, r in references.items()]
-        reference_text = _table(rows, ("estimator", *keys))
-    else:
-        reference_text = f"No reference-estimator metrics stored in this study (objective.reference = {raw.get('objective', {}).get('reference', 'none')!r})."
-    try:
-        stored = study_spec(study)
-        data = {"objective": stored.objective_options, "training": stored.training}
-    except SpecError:
-        data = {"objective": raw.get("objective", {}), "training": raw.get("training", {})}
-    data_text = json.dumps(data, indent=1, default=str)
-    counts = ", ".join(f"{k} = {attrs[k]}" for k in ("n_train", "n_validation", "n_test") if k in attrs)
-    study_seed = raw.get("study", {}).get("seed", 0)
-    checks = ", ".join(f"{name} max |difference| {value:.1e}" for name, value in differences.items())
+    ranked_by = ", ".join(f"{m} ({d})" for m, d in zip(metrics, directions))
+    counts = "".join(
+        f", {k} = {attrs[k]}" for k in ("n_train", "n_validation", "n_test") if k in attrs
+    )
+    searched = ", ".join(f"{k}={v}" for k, v in trial.params.items()) or "none"
+    checks = ", ".join(
+        f"{name} max |difference| {value:.1e}" for name, value in differences.items()
+    )
     preset = f" (preset {trial.user_attrs['preset']})" if "preset" in trial.user_attrs else ""
     folder = f"trial-{trial.number}"
-    buffer = io.StringIO()
-    write = buffer.write
-    write(f"# {study.study_name}: trial {trial.number}{preset}\n\n")
-    write(f"Rank {rank} of the study's completed trials by {', '.join(f'{m} ({d})' for m, d in zip(metrics, directions))}. ")
-    write(f"Model family `{spec['family']}` version {spec['version']}; exported by lensnas {lensnas_version()}.\n\n")
-    write(f"- study: `{study.study_name}` in `{redact(storage_url)}`, objective `{attrs.get('objective')}`\n")
-    write(f"- dataset key: `{attrs.get('dataset_key', '?')}`{'; ' + counts if counts else ''}\n")
-    write(f"- seeds: study seed {study_seed} (data and sampler), trial training seed {trial.user_attrs.get('seed', '?')}\n")
-    write(f"- searched parameters: {', '.join(f'{k}={v}' for k, v in trial.params.items()) or 'none'}\n\n")
-    write(f"## Metrics (test set)\n\n{metric_table}\n\n")
-    write(f"## Reference estimators\n\n{reference_text}\n\n")
-    write(f"## Data configuration\n\nThe study's `[objective]` and `[training]` tables:\n\n```json\n{data_text}\n```\n\n")
-    write(f"## Architecture\n\n```json\n{json.dumps(spec, indent=1)}\n```\n\n{input_description(spec)}\n\n")
-    write("## Files\n\n")
-    write(f"- `{ARCHITECTURE}`, `{WEIGHTS}`: PyTorch architecture and state dict\n")
-    write(f"- `{TORCHSCRIPT}`: TorchScript (traced); `{ONNX}`: ONNX (input `input`, output `output`)\n")
-    write(f"- checked on a random input against PyTorch: {checks}\n\n")
-    write("## How to load\n\n```python\n")
-    write(f'import spaces  # pip install lensnas\nmodel = spaces.load("{folder}")  # nn.Module in eval mode\n\n')
-    write(f'import torch\nscripted = torch.jit.load("{folder}/{TORCHSCRIPT}")\n\n')
-    write(f'import onnxruntime\nsession = onnxruntime.InferenceSession("{folder}/{ONNX}")\n')
-    write('outputs = session.run(None, {"input": x.numpy()})[0]\n```\n')
-    return buffer.getvalue()
+    lines = [
+        f"# {study.study_name}: trial {trial.number}{preset}",
+        "",
+        (
+            f"Rank {rank} of the study's completed trials by {ranked_by}. Model family "
+            f"`{spec['family']}` version {spec['version']}; "
+            f"exported by lensnas {lensnas_version()}."
+        ),
+        "",
+        (
+            f"- study: `{study.study_name}` in `{redact(storage_url)}`, "
+            f"objective `{attrs.get('objective')}`"
+        ),
+        f"- dataset key: `{attrs.get('dataset_key', '?')}`{counts}",
+        (
+            f"- seeds: study seed {raw.get('study', {}).get('seed', 0)} (data and sampler), "
+            f"trial training seed {trial.user_attrs.get('seed', '?')}"
+        ),
+        f"- searched parameters: {searched}",
+        "",
+        "## Metrics (test set)",
+        "",
+        metric_table,
+        "",
+        "## Reference estimators",
+        "",
+        _reference_text(study, trial, first),
+        "",
+        "## Data configuration",
+        "",
+        "The study's `[objective]` and `[training]` settings:",
+        "",
+        "```json",
+        json.dumps(_data_configuration(study), indent=1, default=str),
+        "```",
+        "",
+        "## Architecture",
+        "",
+        "```json",
+        json.dumps(spec, indent=1),
+        "```",
+        "",
+        input_description(spec),
+        "",
+        "## Files",
+        "",
+        f"- `{ARCHITECTURE}`, `{WEIGHTS}`: PyTorch architecture and state dict",
+        f"- `{TORCHSCRIPT}`: TorchScript (traced); `{ONNX}`: ONNX (input `input`, output `output`)",
+        f"- checked on a random input against PyTorch: {checks}",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "import spaces  # pip install lensnas",
+        f'model = spaces.load("{folder}")  # nn.Module in eval mode',
+        "",
+        "import torch",
+        f'scripted = torch.jit.load("{folder}/{TORCHSCRIPT}")',
+        "",
+        "import onnxruntime",
+        f'session = onnxruntime.InferenceSession("{folder}/{ONNX}")',
+        'outputs = session.run(None, {"input": x.numpy()})[0]',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -35,6 +35,7 @@ TOP_TRIALS = 10
 REFERENCE_PREFIX = "ref_"
 NOT_METRICS = ("seed", "epochs_run")
 BIAS_KEYS = ("m1", "m2", "c1", "c2")
+REFERENCE_COLUMNS = ("rmse", *BIAS_KEYS, "abs_m", "abs_c", "psnr", "ssim", "n_failed")
 
 
 def lensnas_version() -> str:
@@ -48,13 +49,18 @@ def lensnas_version() -> str:
 def metric_values(attrs: dict[str, Any]) -> dict[str, float]:
     """The numeric user attributes of a trial (its metrics), without seeds and counters."""
     return {
-        key: float(value) for key, value in attrs.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool)
-        and key not in NOT_METRICS and not key.startswith(REFERENCE_PREFIX)
+        key: float(value)
+        for key, value in attrs.items()
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and key not in NOT_METRICS
+        and not key.startswith(REFERENCE_PREFIX)
     }
 
 
-def metric_rows(attrs: dict[str, Any], first: tuple[str, ...] = ()) -> list[tuple[str, float, float | None]]:
+def metric_rows(
+    attrs: dict[str, Any], first: tuple[str, ...] = ()
+) -> list[tuple[str, float, float | None]]:
     """(name, value, error) for each metric; ``X_err`` attributes become the error of ``X``."""
     values = metric_values(attrs)
     names = [k for k in first if k in values] + sorted(
@@ -64,7 +70,9 @@ def metric_rows(attrs: dict[str, Any], first: tuple[str, ...] = ()) -> list[tupl
     return [(name, values[name], values.get(f"{name}_err")) for name in names]
 
 
-def reference_metrics(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[str, dict[str, float]]:
+def reference_metrics(
+    study: optuna.Study, trial: FrozenTrial | None = None
+) -> dict[str, dict[str, float]]:
     """Stored reference-estimator metrics as ``{estimator: {metric: value}}``.
 
     Read from the study's (then the trial's) user attributes ``ref_<estimator>_<metric>``
@@ -73,13 +81,17 @@ def reference_metrics(study: optuna.Study, trial: FrozenTrial | None = None) -> 
     attrs = dict(study.user_attrs)
     if trial is not None:
         attrs.update(trial.user_attrs)
-    known = sorted(metric_values(trial.user_attrs) if trial is not None else {}, key=len, reverse=True)
-    default_name = str(study.user_attrs.get("reference") or _objective_options(study).get("reference", "reference"))
+    known = sorted(
+        metric_values(trial.user_attrs) if trial is not None else {}, key=len, reverse=True
+    )
+    default_name = str(
+        study.user_attrs.get("reference") or _objective_options(study).get("reference", "reference")
+    )
     found: dict[str, dict[str, float]] = {}
     for key, value in attrs.items():
         if not key.startswith(REFERENCE_PREFIX):
             continue
-        rest = key[len(REFERENCE_PREFIX):]
+        rest = key[len(REFERENCE_PREFIX) :]
         if isinstance(value, dict):  # ref_<estimator> = {metric: value}
             numbers = metric_values(value)
             if numbers:
@@ -103,7 +115,10 @@ def _objective_options(study: optuna.Study) -> dict[str, Any]:
 
 def _figure_html(figure: go.Figure, div_id: str) -> str:
     return plotly.io.to_html(
-        figure, full_html=False, include_plotlyjs=False, div_id=div_id,
+        figure,
+        full_html=False,
+        include_plotlyjs=False,
+        div_id=div_id,
         config={"displaylogo": False, "responsive": True},
     )
 
@@ -121,16 +136,26 @@ def _targets(study: optuna.Study) -> list[tuple[Callable[[FrozenTrial], float] |
     metrics = list(study.user_attrs.get("metrics", []))
     if len(study.directions) == 1:
         return [(None, metrics[0] if metrics else "objective")]
-    names = metrics if len(metrics) == len(study.directions) else [f"objective {i}" for i in range(len(study.directions))]
+    names = (
+        metrics
+        if len(metrics) == len(study.directions)
+        else [f"objective {i}" for i in range(len(study.directions))]
+    )
     return [(lambda t, i=i: t.values[i], name) for i, name in enumerate(names)]
 
 
-def _quiet_plot(function: Callable[..., go.Figure], *args: Any, **kwargs: Any) -> tuple[go.Figure, list[str]]:
+def _quiet_plot(
+    function: Callable[..., go.Figure], *args: Any, **kwargs: Any
+) -> tuple[go.Figure, list[str]]:
     """Call an optuna.visualization function; returns the figure and the warnings it gave."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         figure = function(*args, **kwargs)
-    return figure, [str(w.message) for w in caught if not issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+    return figure, [
+        str(w.message)
+        for w in caught
+        if not issubclass(w.category, optuna.exceptions.ExperimentalWarning)
+    ]
 
 
 def _history_section(study: optuna.Study, complete: list[FrozenTrial]) -> str:
@@ -138,14 +163,19 @@ def _history_section(study: optuna.Study, complete: list[FrozenTrial]) -> str:
         return _note("No completed trial yet.")
     parts = []
     for i, (target, name) in enumerate(_targets(study)):
-        figure, _ = _quiet_plot(optuna.visualization.plot_optimization_history, study, target=target, target_name=name)
+        figure, _ = _quiet_plot(
+            optuna.visualization.plot_optimization_history, study, target=target, target_name=name
+        )
         parts.append(_figure_html(figure, f"optimization-history-{i}"))
     return "\n".join(parts)
 
 
 def _importance_section(study: optuna.Study, complete: list[FrozenTrial]) -> str:
-    varied = {name for name in {p for t in complete for p in t.params}
-              if len({json.dumps(t.params.get(name), default=str) for t in complete}) > 1}
+    varied = {
+        name
+        for name in {p for t in complete for p in t.params}
+        if len({json.dumps(t.params.get(name), default=str) for t in complete}) > 1
+    }
     if len(complete) < 2 or not varied:
         return _note(
             f"Parameter importances need at least 2 completed trials whose parameters differ "
@@ -154,12 +184,19 @@ def _importance_section(study: optuna.Study, complete: list[FrozenTrial]) -> str
     parts = []
     for i, (target, name) in enumerate(_targets(study)):
         try:
-            figure, messages = _quiet_plot(optuna.visualization.plot_param_importances, study, target=target, target_name=name)
+            figure, messages = _quiet_plot(
+                optuna.visualization.plot_param_importances, study, target=target, target_name=name
+            )
         except (ValueError, RuntimeError) as error:
             parts.append(_note(f"{name}: parameter importances could not be computed ({error})."))
             continue
         if any("will be equal" in m or "too small" in m for m in messages):
-            parts.append(_note(f"{name}: too few completed trials ({len(complete)}) to estimate parameter importances."))
+            parts.append(
+                _note(
+                    f"{name}: too few completed trials ({len(complete)}) to estimate "
+                    "parameter importances."
+                )
+            )
             continue
         parts.append(_figure_html(figure, f"param-importances-{i}"))
     return "\n".join(parts)
@@ -170,7 +207,9 @@ def _parallel_section(study: optuna.Study, complete: list[FrozenTrial]) -> str:
         return _note("No completed trial yet.")
     parts = []
     for i, (target, name) in enumerate(_targets(study)):
-        figure, _ = _quiet_plot(optuna.visualization.plot_parallel_coordinate, study, target=target, target_name=name)
+        figure, _ = _quiet_plot(
+            optuna.visualization.plot_parallel_coordinate, study, target=target, target_name=name
+        )
         parts.append(_figure_html(figure, f"parallel-coordinates-{i}"))
     return "\n".join(parts)
 
@@ -197,7 +236,9 @@ def _pareto_section(study: optuna.Study, complete: list[FrozenTrial]) -> str:
 
 def _trials_table(study: optuna.Study, trials: list[FrozenTrial]) -> str:
     columns = list(summary_columns(study))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["trial", "state", "seconds", *columns, "params"])
+    head = "".join(
+        f"<th>{html.escape(c)}</th>" for c in ["trial", "state", "seconds", *columns, "params"]
+    )
     rows = []
     for trial in trials:
         attrs = trial.user_attrs
@@ -209,7 +250,7 @@ def _trials_table(study: optuna.Study, trials: list[FrozenTrial]) -> str:
             detail = f"(preset {attrs['preset']}) {detail}"
         cells.append(detail)
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _reference_section(study: optuna.Study, best: FrozenTrial | None) -> str:
@@ -223,16 +264,22 @@ def _reference_section(study: optuna.Study, best: FrozenTrial | None) -> str:
             f"objective.reference = {reference!r})."
         )
     rows = {f"network (trial {best.number})": metric_values(best.user_attrs), **references}
-    metrics = [k for k in ("rmse", *BIAS_KEYS, "psnr", "ssim") if any(k in r for r in rows.values())]
-    metrics += sorted({k for r in references.values() for k in r if not k.endswith("_err")} - set(metrics))
+    metrics = [k for k in REFERENCE_COLUMNS if any(k in r for r in references.values())]
+    if not metrics:  # reference metrics under other names: show them all
+        metrics = sorted({k for r in references.values() for k in r if not k.endswith("_err")})
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["estimator", *metrics])
     body = "".join(
-        "<tr>" + f"<td>{html.escape(name)}</td>"
-        + "".join(f"<td>{html.escape(format_value(r.get(k), r.get(f'{k}_err')))}</td>" for k in metrics)
+        "<tr>"
+        + f"<td>{html.escape(name)}</td>"
+        + "".join(
+            f"<td>{html.escape(format_value(r.get(k), r.get(f'{k}_err')))}</td>" for k in metrics
+        )
         + "</tr>"
         for name, r in rows.items()
     )
-    parts = [f'<table id="reference-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>']
+    parts = [
+        f'<table id="reference-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    ]
     if any(k in r for r in rows.values() for k in BIAS_KEYS):
         parts.append(_figure_html(_bias_figure(rows), "bias-comparison-0"))
     return "\n".join(parts)
@@ -240,25 +287,37 @@ def _reference_section(study: optuna.Study, best: FrozenTrial | None) -> str:
 
 def _bias_figure(rows: dict[str, dict[str, float]]) -> go.Figure:
     """m and c (with error bars) of the network and each reference estimator."""
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("multiplicative bias m", "additive bias c"))
+    figure = make_subplots(
+        rows=1, cols=2, subplot_titles=("multiplicative bias m", "additive bias c")
+    )
     for name, values in rows.items():
         for col, keys in ((1, ("m1", "m2")), (2, ("c1", "c2"))):
             present = [k for k in keys if k in values]
             errors = [values.get(f"{k}_err", float("nan")) for k in present]
             figure.add_trace(
                 go.Scatter(
-                    x=present, y=[values[k] for k in present], mode="markers", name=name,
-                    legendgroup=name, showlegend=col == 1,
-                    error_y=dict(type="data", array=[e if math.isfinite(e) else 0.0 for e in errors]),
+                    x=present,
+                    y=[values[k] for k in present],
+                    mode="markers",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    error_y={
+                        "type": "data",
+                        "array": [e if math.isfinite(e) else 0.0 for e in errors],
+                    },
                 ),
-                row=1, col=col,
+                row=1,
+                col=col,
             )
     figure.add_hline(y=0.0, line_color="gray", line_width=1)
     figure.update_layout(title="shear bias: network vs reference estimators", height=420)
     return figure
 
 
-def _diagnostics_section(study: optuna.Study, best: FrozenTrial | None, storage_url: str | None) -> str:
+def _diagnostics_section(
+    study: optuna.Study, best: FrozenTrial | None, storage_url: str | None
+) -> str:
     if best is None:
         return _note("No completed trial yet.")
     if storage_url is None:
@@ -271,7 +330,8 @@ def _diagnostics_section(study: optuna.Study, best: FrozenTrial | None, storage_
         return _note(f"Trial {best.number} stored no diagnostic figure.")
     encoded = base64.b64encode(data).decode("ascii")
     alt = f"diagnostic figure of trial {best.number}"
-    return f'<p>Best trial {best.number}.</p><img id="diagnostics-figure" alt="{alt}" src="data:image/png;base64,{encoded}">'
+    image = f'<img id="diagnostics-figure" alt="{alt}" src="data:image/png;base64,{encoded}">'
+    return f"<p>Best trial {best.number}.</p>{image}"
 
 
 STYLE = """
@@ -300,32 +360,66 @@ def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
     description = spec.get("study", {}).get("description", "")
     summary = [
         ("objective", str(attrs.get("objective", "?"))),
-        ("metrics", ", ".join(f"{m} ({d})" for m, d in zip(metrics, directions)) or ", ".join(directions)),
+        (
+            "metrics",
+            ", ".join(f"{m} ({d})" for m, d in zip(metrics, directions)) or ", ".join(directions),
+        ),
         ("trials", ", ".join(f"{n} {s}" for s, n in counts.items()) or "none"),
         ("dataset", str(attrs.get("dataset_key", "?"))),
-        ("generated", datetime.datetime.now().isoformat(timespec="seconds") + f" by lensnas {lensnas_version()}"),
+        (
+            "generated",
+            datetime.datetime.now().isoformat(timespec="seconds")
+            + f" by lensnas {lensnas_version()}",
+        ),
     ]
-    summary_html = "<table>" + "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary
-    ) + "</table>"
+    summary_html = (
+        "<table>"
+        + "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary
+        )
+        + "</table>"
+    )
     if description:
         summary_html = f"<p>{html.escape(description)}</p>" + summary_html
     sections = [
         _section("summary", "Study", summary_html),
-        _section("top-trials", f"Top {len(top)} trials",
-                 _trials_table(study, top) if top else _note("No completed trial yet.")),
+        _section(
+            "top-trials",
+            f"Top {len(top)} trials",
+            _trials_table(study, top) if top else _note("No completed trial yet."),
+        ),
         _section("optimization-history", "Optimisation history", _history_section(study, complete)),
-        _section("param-importances", "Parameter importances", _importance_section(study, complete)),
-        _section("parallel-coordinates", "Parallel coordinates", _parallel_section(study, complete)),
-        _section("intermediate-values", "Intermediate values (validation loss per epoch)", _intermediate_section(study)),
+        _section(
+            "param-importances", "Parameter importances", _importance_section(study, complete)
+        ),
+        _section(
+            "parallel-coordinates", "Parallel coordinates", _parallel_section(study, complete)
+        ),
+        _section(
+            "intermediate-values",
+            "Intermediate values (validation loss per epoch)",
+            _intermediate_section(study),
+        ),
     ]
     if len(study.directions) > 1:
         sections.append(_section("pareto-front", "Pareto front", _pareto_section(study, complete)))
-    sections.append(_section("reference-comparison", "Best network vs reference estimators", _reference_section(study, best)))
-    sections.append(_section("diagnostics", "Diagnostics of the best trial", _diagnostics_section(study, best, storage_url)))
+    sections.append(
+        _section(
+            "reference-comparison",
+            "Best network vs reference estimators",
+            _reference_section(study, best),
+        )
+    )
+    sections.append(
+        _section(
+            "diagnostics",
+            "Diagnostics of the best trial",
+            _diagnostics_section(study, best, storage_url),
+        )
+    )
     title = html.escape(f"lensnas report: {study.study_name}")
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{title}</title>\n<style>{STYLE}</style>\n"
         f'<script type="text/javascript">{plotly.offline.get_plotlyjs()}</script>\n'
         f"</head>\n<body>\n<h1>{title}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n"

@@ -17,6 +17,13 @@ def family(name: str) -> Family:
 
 
 __all__ = [
-    "ArchitectureError", "Dimension", "Family", "FAMILIES", "SpaceError", "family", "load",
-    "parse_space", "suggest",
+    "FAMILIES",
+    "ArchitectureError",
+    "Dimension",
+    "Family",
+    "SpaceError",
+    "family",
+    "load",
+    "parse_space",
+    "suggest",
 ]

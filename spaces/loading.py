@@ -66,12 +66,16 @@ def build(spec: dict[str, Any], source: str | Path = "architecture") -> nn.Modul
     family = FAMILIES[spec["family"]]
     missing = [key for key in family.architecture_keys if key not in spec["config"]]
     if missing:
-        raise ArchitectureError(f"{source}: config.{missing[0]}: missing (required by {family.name})")
+        raise ArchitectureError(
+            f"{source}: config.{missing[0]}: missing (required by {family.name})"
+        )
     arguments = {key: value for key, value in spec.items() if key not in HEADER_KEYS}
     try:
         return family.build(spec["config"], **arguments)
     except TypeError as error:
-        raise ArchitectureError(f"{source}: {family.name} cannot be built from it ({error})") from None
+        raise ArchitectureError(
+            f"{source}: {family.name} cannot be built from it ({error})"
+        ) from None
 
 
 def load(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -87,5 +91,7 @@ def load(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Mod
         model.load_state_dict(state)
     except RuntimeError as error:
         first = str(error).strip().splitlines()
-        raise ArchitectureError(f"{weights}: weights do not fit the architecture ({' '.join(first[:2])})") from None
+        raise ArchitectureError(
+            f"{weights}: weights do not fit the architecture ({' '.join(first[:2])})"
+        ) from None
     return model.eval()

@@ -1,0 +1,132 @@
+"""``lensnas dashboard``: optuna-dashboard serves the study and its artifacts to Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from search.artifacts import trial_artifact_ids
+from tests.test_export import TinyStudy, tiny_shear_study
+
+START_SECONDS = 60
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=10000",
+    "--dump-dom",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+@pytest.fixture(scope="module")
+def shear(tmp_path_factory) -> TinyStudy:
+    return tiny_shear_study(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(shear, tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """``lensnas dashboard`` on a free port; yields (base URL, the line it printed)."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("dashboard") / "output.txt"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "search.cli",
+                "dashboard",
+                "--storage",
+                shear.url,
+                "--port",
+                str(port),
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            try:
+                _get(f"{base}/api/studies")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"dashboard did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.3)
+        yield base, log.read_text().splitlines()[0]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_dashboard_prints_its_url_and_binds_localhost(server):
+    base, first_line = server
+    assert f"{base}/dashboard/" in first_line
+
+
+def test_dashboard_serves_the_study_and_the_trial_artifacts(shear, server):
+    base, _ = server
+    studies = json.loads(_get(f"{base}/api/studies"))["study_summaries"]
+    (summary,) = [s for s in studies if s["study_name"] == "tiny5"]
+    detail = json.loads(_get(f"{base}/api/studies/{summary['study_id']}"))
+    assert len(detail["trials"]) == 3
+    stored = {t.number: trial_artifact_ids(t) for t in shear.study.trials}
+    for trial in detail["trials"]:
+        served = {a["filename"]: a["artifact_id"] for a in trial["artifacts"]}
+        assert served == stored[trial["number"]]
+    first = detail["trials"][0]
+    ids = {a["filename"]: a["artifact_id"] for a in first["artifacts"]}
+    route = f"{base}/artifacts/{summary['study_id']}/{first['trial_id']}"
+    architecture = json.loads(_get(f"{route}/{ids['architecture.json']}"))
+    assert architecture["family"] == "shear_cnn" and architecture["image_size"] == 25
+    assert _get(f"{route}/{ids['diagnostics.png']}").startswith(b"\x89PNG")
+
+
+def test_dashboard_page_renders_the_study_name_in_chromium(server, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (CI must install it: apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    base, _ = server
+    result = subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"{base}/dashboard/",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tiny5" in result.stdout, result.stdout[-2000:]

@@ -1,0 +1,127 @@
+"""The HTML report: self-contained (no network), with the named figures and tables."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search.report import build_report, reference_metrics, write_report
+from search.summary import best_trials
+from tests.test_export import TinyStudy, tiny_shear_study
+
+REMOTE = re.compile(
+    r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", re.IGNORECASE
+)
+
+
+@pytest.fixture(scope="module")
+def shear(tmp_path_factory) -> TinyStudy:
+    return tiny_shear_study(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def report(shear, tmp_path_factory) -> str:
+    """``lensnas report tiny5`` with the default output name, run in a fresh folder."""
+    from search.cli import main
+
+    workdir = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        assert main(["report", "tiny5", "--storage", shear.url]) == 0
+    return (workdir / "tiny5-report.html").read_text(encoding="utf-8")
+
+
+def test_report_is_self_contained(report):
+    assert report.startswith("<!DOCTYPE html>")
+    assert REMOTE.search(report) is None  # no script, style or image from the network
+    assert len(report) > 3_000_000 and "Plotly.newPlot" in report  # plotly.js itself is inline
+
+
+def test_report_has_the_named_figures(report):
+    for div in (
+        "optimization-history-0",
+        "parallel-coordinates-0",
+        "intermediate-values-0",
+        "bias-comparison-0",
+    ):
+        assert f'id="{div}"' in report, div
+    for section in (
+        "summary",
+        "top-trials",
+        "optimization-history",
+        "param-importances",
+        "parallel-coordinates",
+        "intermediate-values",
+        "reference-comparison",
+        "diagnostics",
+    ):
+        assert f'<section id="{section}">' in report, section
+    assert 'id="param-importances-0"' in report or "too few completed trials" in report
+    assert 'id="diagnostics-figure"' in report and 'src="data:image/png;base64,' in report
+    assert 'id="pareto-front"' not in report  # single-objective study
+
+
+def test_report_tables_show_metrics_with_errors_and_the_reference(shear, report):
+    best = best_trials(shear.study, 1)[0]
+    assert f"<td>{best.number}</td>" in report
+    assert f"± {best.user_attrs['m1_err']:.1e}" in report
+    references = reference_metrics(shear.study, best)
+    assert set(references) == {"hsm"}
+    assert {"rmse", "m1", "m1_err", "c2"} <= set(references["hsm"])
+    assert 'id="reference-table"' in report and "<td>hsm</td>" in report
+    assert f"<td>network (trial {best.number})</td>" in report
+
+
+def test_reference_attributes_are_grouped_by_estimator():
+    study = optuna.create_study()
+    study.set_user_attr("reference", "metacal")
+    study.set_user_attr("ref_m1", 0.01)
+    study.set_user_attr("ref_paired_m1", 0.02)
+    study.set_user_attr("ref_hsm_m1_err", 0.003)
+    study.set_user_attr("ref_ngmix", {"m1": 0.004, "note": "text is ignored"})
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=0.1,
+            user_attrs={"m1": 0.5, "m1_err": 0.1, "paired_m1": 0.4, "ref_m1": 0.01},
+        )
+    )
+    found = reference_metrics(study, study.trials[0])
+    assert found == {
+        "metacal": {"m1": 0.01, "paired_m1": 0.02},
+        "hsm": {"m1_err": 0.003},
+        "ngmix": {"m1": 0.004},
+    }
+
+
+def test_multi_objective_report_has_a_pareto_front_and_handles_few_trials(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'mo.db'}"
+    study = optuna.create_study(
+        study_name="mo", storage=storage, directions=["minimize", "minimize"]
+    )
+    study.set_user_attr("metrics", ["rmse", "n_params"])
+    study.optimize(
+        lambda t: (t.suggest_float("x", 0, 1) ** 2, (t.suggest_float("y", 0, 1) - 1) ** 2),
+        n_trials=1,
+    )
+    text = build_report(study, storage)
+    assert "too few completed trials" in text or "need at least 2" in text
+    study.optimize(
+        lambda t: (t.suggest_float("x", 0, 1) ** 2, (t.suggest_float("y", 0, 1) - 1) ** 2),
+        n_trials=6,
+    )
+    path = write_report(study, tmp_path / "mo.html", storage)
+    text = Path(path).read_text()
+    assert 'id="pareto-front-0"' in text and 'id="optimization-history-1"' in text
+    assert "Optuna records intermediate values for single-objective studies only" in text
+    assert "stored no diagnostic figure" in text
+    assert REMOTE.search(text) is None
+
+
+def test_report_of_an_empty_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'empty.db'}"
+    study = optuna.create_study(study_name="empty", storage=storage)
+    text = build_report(study, storage)
+    assert text.count("No completed trial yet.") >= 4
