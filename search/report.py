@@ -33,9 +33,10 @@ from search.summary import best_trials, format_params, format_value, summary_col
 
 TOP_TRIALS = 10
 REFERENCE_PREFIX = "ref_"
+BASELINE_PREFIX = "bicubic_"
 NOT_METRICS = ("seed", "epochs_run")
 BIAS_KEYS = ("m1", "m2", "c1", "c2")
-REFERENCE_COLUMNS = ("rmse", *BIAS_KEYS, "abs_m", "abs_c", "psnr", "ssim", "n_failed")
+REFERENCE_COLUMNS = ("rmse", *BIAS_KEYS, "abs_m", "abs_c", "psnr", "ssim", "mse", "n_failed")
 
 
 def lensnas_version() -> str:
@@ -76,7 +77,8 @@ def reference_metrics(
     """Stored reference-estimator metrics as ``{estimator: {metric: value}}``.
 
     Read from the study's (then the trial's) user attributes ``ref_<estimator>_<metric>``
-    or ``ref_<metric>``; metric names are those of the trial's own metrics when known.
+    or ``ref_<metric>``; metric names are those of the trial's own metrics when known. The
+    SR objective's baseline (study attributes ``bicubic_<metric>``) is the estimator "bicubic".
     """
     attrs = dict(study.user_attrs)
     if trial is not None:
@@ -105,6 +107,13 @@ def reference_metrics(
                 estimator, metric = rest[: -len(name) - 1], name
                 break
         found.setdefault(estimator, {})[metric] = float(value)
+    bicubic = {
+        key[len(BASELINE_PREFIX) :]: float(value)
+        for key, value in study.user_attrs.items()
+        if key.startswith(BASELINE_PREFIX) and isinstance(value, (int, float))
+    }
+    if bicubic:
+        found["bicubic"] = bicubic
     return found
 
 

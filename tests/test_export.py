@@ -22,6 +22,7 @@ from search import launch
 from search.artifacts import artifact_store, trial_artifact_ids
 from search.cli import main
 from search.export import study_objective
+from search.report import build_report
 from search.summary import best_trials
 from spaces.loading import ArchitectureError
 from tests.conftest import write_tiny_shear_study
@@ -230,3 +231,7 @@ def test_sr_trial_round_trip(tmp_path):
     )
     (output,) = session.run(None, {"input": low_resolution.numpy()})
     np.testing.assert_allclose(output, expected, rtol=0, atol=1e-5)
+
+    # the report of an SR study compares with bicubic and shows the LR/bicubic/SR/HR panels
+    report = build_report(study, url)
+    assert "<td>bicubic</td>" in report and 'id="diagnostics-figure"' in report
