@@ -41,6 +41,7 @@ SPLITS = ("train", "validation", "test")
 SPLIT_SEED_CODES = {"train": 1, "validation": 2, "test": 3}
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 PSF_TRUNCATE = 5.0  # Gaussian PSF kernels are cut at 5 sigma (as lenstronomy's)
+MIN_HR_SIDE = 11  # the SSIM window (objectives.sr_metrics)
 
 INSTRUMENT_KEYS = (
     "lr_size",
@@ -403,6 +404,10 @@ def _check_pair(lr_path: Path, lr: np.ndarray, hr_path: Path, hr: np.ndarray, sc
             str(hr_path),
             f"HR shape {hr.shape[1:]} is not {scale} x the LR shape {lr.shape[1:]} of {lr_path} "
             f"(expected {expected})",
+        )
+    if min(expected) < MIN_HR_SIDE:
+        raise SpaceError(
+            str(hr_path), f"HR images of {expected} are too small; SSIM needs at least 11x11 pixels"
         )
 
 

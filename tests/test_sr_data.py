@@ -215,6 +215,8 @@ def test_folder_unreadable_and_out_of_range(tmp_path):
     (empty / "HR").mkdir()
     expect_error(empty, empty / "LR", "contains no .npy files")
     expect_error(tmp_path / "nowhere", tmp_path / "nowhere", "no such folder")
+    write_pairs(tmp_path / "tiny", 4, lr_shape=(4, 4))
+    expect_error(tmp_path / "tiny", tmp_path / "tiny" / "HR" / "sample0.npy", "too small")
 
 
 def test_objective_folder_errors_are_one_line(tmp_path):

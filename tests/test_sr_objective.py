@@ -13,6 +13,7 @@ import torch
 from objectives import objective_class
 from objectives.base import LocalContext, TrialPruned
 from objectives.sr import SRObjective
+from objectives.training import predict
 from spaces.dimensions import admits
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
@@ -70,6 +71,12 @@ def test_prepare_and_run_trial_give_finite_metrics(prepared, tmp_path):
     )
     model.load_state_dict(torch.load(tmp_path / "trial" / "weights.pt"))
     assert model(torch.zeros(1, 1, 16, 16)).shape == (1, 1, 32, 32)
+
+    # The reported validation loss is the MSE of the kept (best) weights, whatever the loss.
+    data = prepared.data
+    prediction = predict(model, data["validation_lr"], 4, "cpu")
+    validation_mse = float(np.mean((prediction - data["validation_hr"]) ** 2))
+    assert metrics["best_val_loss"] == pytest.approx(validation_mse, rel=1e-4)
 
 
 def test_other_backbones_and_losses_run(prepared, tmp_path):
