@@ -325,8 +325,11 @@ class SRObjective:
         ctx.log(f"PSNR {metrics['psnr']:.2f} dB ({metrics['psnr_gain']:+.2f} over bicubic)")
         self._save(result.model, params, ctx)
         sr_panels_figure(
-            Path(ctx.artifact_dir) / FIGURE, data["test_lr"][0], data["test_bicubic"][0],
-            np.clip(prediction[0], 0.0, 1.0), data["test_hr"][0],
+            Path(ctx.artifact_dir) / FIGURE,
+            data["test_lr"][0],
+            data["test_bicubic"][0],
+            np.clip(prediction[0], 0.0, 1.0),
+            data["test_hr"][0],
         )
         return metrics
 
