@@ -1,0 +1,496 @@
+"""The Ray executor: trials run as Ray Tune trials, each one an Optuna trial of the stored study.
+
+Every Ray trial opens the study's storage, loads the study with its sampler and pruner, and runs
+one Optuna trial through :func:`search.study.evaluate` (``study.optimize(n_trials=1)``), exactly
+as the local executor does. So each trial appears in the study as it runs (RUNNING, with
+heartbeats), the study's pruner decides pruning, and a trial ends COMPLETE, PRUNED or FAIL (with
+its ``fail_reason``) in the study. Ray Tune only places the trials on CPUs/GPUs and limits how many
+run at once; its results folder is temporary. The study stays resumable by either executor.
+
+Trials whose worker dies (out of memory, killed) are failed by the driver with Ray's error; if the
+driver itself dies, their heartbeats stop and the next launch fails them as stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search import Searcher
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.engine import make_url
+
+from search.local import WAIT_SECONDS
+from search.local import _claim as claim_trial
+from search.local import _run_one as run_claimed_trial
+from search.samplers import make_pruner, make_sampler
+from search.spec import SpecError, StudySpec
+from search.storage import open_storage, redact
+from search.study import FAIL_REASON, FINISHED, fail_abandoned_trials, finished_count
+
+RUN_ATTR = "ray_run"
+RAY_TRIAL_ATTR = "ray_trial_id"
+SKIPPED = "SKIPPED"  # a Ray trial that found nothing left to run
+# Tune's own tables off; Ctrl+C handled here (Tune's handler would not tell us it fired).
+QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_SIGINT_HANDLER": "1"}
+
+
+@dataclass(frozen=True)
+class RayJob:
+    """Everything a Ray worker needs to run one trial of the study (small and picklable)."""
+
+    spec: StudySpec
+    storage_url: str
+    run_id: str
+    objective_class: type
+    cache_dir: Path | None
+    device: str
+    artifact_root: Path
+    threads: int
+    first_trial: int
+
+    def sampler_seed(self, index: int) -> int:
+        """A distinct sampler seed per Ray trial: workers must not draw the same random params."""
+        entropy = [self.spec.seed, self.first_trial, index]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+class RayRun:
+    """What run_ray did: why it stopped early (or None) and the counts of trial outcomes."""
+
+    def __init__(self, max_failures: int):
+        self.max_failures = max_failures
+        self.consecutive_failures = 0
+        self.stopped_reason: str | None = None
+        self.states: dict[str, int] = {}
+        self.cache_misses = 0
+        self.interrupted = False
+        self.timed_out = False
+
+    def why_stopped(self) -> str:
+        """Why trials still running at the end of the run were stopped."""
+        return "interrupted" if self.interrupted else "the Ray run ended before the trial"
+
+    def record(self, state: str, reason: str | None) -> None:
+        """Count one finished Ray trial; stop after max_failures consecutive FAIL trials."""
+        self.states[state] = self.states.get(state, 0) + 1
+        if state == SKIPPED:
+            return
+        if state != TrialState.FAIL.name:
+            self.consecutive_failures = 0
+            return
+        self.consecutive_failures += 1
+        limit = self.max_failures
+        if limit and self.consecutive_failures >= limit and self.stopped_reason is None:
+            self.stopped_reason = (
+                f"stopped after {self.consecutive_failures} consecutive failed trials; "
+                f"last: {reason or 'see the log'}"
+            )
+
+
+_PREPARED: dict[str, Any] = {}  # per worker process: the objective of the current run
+_STORAGES: dict[str, optuna.storages.RDBStorage] = {}  # per worker process: one engine per URL
+
+
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage (one connection pool) per URL and process, reused by its trials."""
+    if url not in _STORAGES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            _STORAGES[url] = open_storage(url)
+    return _STORAGES[url]
+
+
+def _prepared_objective(job: RayJob) -> Any:
+    """The job's objective, built and prepared once per worker process (a dataset cache hit)."""
+    if job.run_id not in _PREPARED:
+        spec = job.spec
+        objective = job.objective_class(
+            spec.objective_options, spec.training, seed=spec.seed, cache_dir=job.cache_dir,
+            progress=False,
+        )
+        objective.prepare()
+        _PREPARED.clear()
+        _PREPARED[job.run_id] = objective
+    return _PREPARED[job.run_id]
+
+
+def ray_trial(config: dict[str, Any], job: RayJob) -> None:
+    """One Ray Tune trial: claim one Optuna trial of the stored study, run it, tell its state."""
+    import torch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    torch.set_num_threads(job.threads)
+    spec = job.spec
+    objective = _prepared_objective(job)
+    study = optuna.load_study(
+        study_name=spec.name,
+        storage=_storage(job.storage_url),
+        sampler=make_sampler(dataclasses.replace(spec, seed=job.sampler_seed(config["index"]))),
+        pruner=make_pruner(spec),
+    )
+    trial = claim_trial(study, spec.n_trials, job.storage_url)
+    if not isinstance(trial, optuna.Trial):  # done, or the last trials run elsewhere
+        if trial is None:
+            time.sleep(WAIT_SECONDS)
+        tune.report({"state": SKIPPED, "number": -1})
+        return
+    trial.set_user_attr("executor", "ray")
+    trial.set_user_attr(RUN_ATTR, job.run_id)
+    trial.set_user_attr(RAY_TRIAL_ATTR, tune.get_context().get_trial_id())
+    frozen = run_claimed_trial(spec, study, objective, trial, job.device, job.artifact_root, None)
+    tune.report({
+        "state": frozen.state.name,
+        "number": frozen.number,
+        "fail_reason": str(frozen.user_attrs.get(FAIL_REASON, "")),
+        "cache_hit": getattr(objective, "cache_hit", None) is not False,
+    })
+
+
+def run_ray(
+    spec: StudySpec,
+    study: optuna.Study,
+    objective: Any,
+    *,
+    storage_url: str,
+    device: str,
+    artifact_root: Path,
+    max_failures: int = 3,
+    quiet: bool = False,
+    console: Console | None = None,
+    gpus_per_trial: float = 0.0,
+    cpus_per_trial: float = 1.0,
+    max_concurrent: int | None = None,
+    address: str | None = None,
+) -> RayRun:
+    """Run Ray Tune trials until the study has ``spec.n_trials`` finished trials (as run_local).
+
+    ``objective`` must be prepared: workers rebuild it from the spec and its cache folder (a cache
+    hit). ``device`` is the driver's own; workers use a GPU only when ``gpus_per_trial`` > 0 and
+    the cluster has one, else the CPU (said once). ``max_failures`` consecutive failures start no
+    new trial. Ctrl+C stops the trials, fails the running ones and raises KeyboardInterrupt.
+    """
+    if gpus_per_trial < 0 or cpus_per_trial <= 0:
+        raise SpecError(
+            "--gpus-per-trial must be >= 0 and --cpus-per-trial > 0, "
+            f"got {gpus_per_trial:g} and {cpus_per_trial:g}"
+        )
+    if max_concurrent is not None and max_concurrent < 1:
+        raise SpecError(f"--max-concurrent: must be at least 1, got {max_concurrent}")
+    run = RayRun(max_failures)
+    if finished_count(study) >= spec.n_trials:
+        return run
+    console = console or Console(stderr=True)
+    say = (lambda text: None) if quiet else console.print
+    with _quiet_ray_env(), _ray_session(address) as session:
+        cluster = ray.cluster_resources()
+        gpus, worker_device = _placement(spec, gpus_per_trial, cluster.get("GPU", 0.0), say)
+        capacity = _capacity(cluster, cpus_per_trial, gpus, max_concurrent)
+        say(
+            f"ray: {session} with {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
+            f"each trial {cpus_per_trial:g} CPU + {gpus:g} GPU, {capacity} at once"
+        )
+        if address is not None and make_url(storage_url).get_backend_name() == "sqlite":
+            say(f"[yellow]ray: {redact(storage_url)} is a file on this machine: trials on other "
+                "nodes need a shared storage such as PostgreSQL")
+        job = RayJob(
+            spec=spec, storage_url=storage_url, run_id=uuid.uuid4().hex,
+            objective_class=type(objective), cache_dir=_cache_dir(objective),
+            device=worker_device, artifact_root=Path(artifact_root).resolve(),
+            threads=max(1, int(cpus_per_trial)), first_trial=len(study.trials),
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(ray_trial, job=job), {"cpu": cpus_per_trial, "gpu": gpus}
+        )
+        results_dir = tempfile.mkdtemp(prefix="lensnas-ray-")
+        try:
+            with _progress(spec, study, console, quiet) as update, _interruptible(run):
+                tuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(
+                        search_alg=_Feeder(job, run, spec.timeout), num_samples=-1,
+                        max_concurrent_trials=capacity,  # also Tune's limit of pending trials
+                        reuse_actors=True,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=f"lensnas-{job.run_id[:8]}", storage_path=results_dir, verbose=0,
+                        stop=_StopAll(run), callbacks=[_Monitor(run, job, update)],
+                        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    ),
+                )
+                try:
+                    tuner.fit()
+                finally:
+                    _fail_running(job, f"stopped by the ray executor: {run.why_stopped()}")
+        finally:
+            shutil.rmtree(results_dir, ignore_errors=True)
+    if run.interrupted:
+        raise KeyboardInterrupt
+    if run.timed_out:
+        say(f"{spec.name}: timeout of {spec.timeout:g} s reached")
+    if run.cache_misses:
+        say(f"[yellow]ray: workers rebuilt the dataset instead of reading the cache folder "
+            f"{job.cache_dir}: is it shared by every node?")
+    return run
+
+
+def _capacity(
+    cluster: dict[str, float], cpus_per_trial: float, gpus_per_trial: float,
+    max_concurrent: int | None,
+) -> int:
+    """How many trials the cluster can run at once (at least 1), capped by max_concurrent."""
+    fits = [int(cluster.get("CPU", 0.0) / cpus_per_trial + 1e-9)]
+    if gpus_per_trial > 0:
+        fits.append(int(cluster.get("GPU", 0.0) / gpus_per_trial + 1e-9))
+    if max_concurrent is not None:
+        fits.append(max_concurrent)
+    return max(1, min(fits))
+
+
+@contextlib.contextmanager
+def _interruptible(run: RayRun) -> Iterator[None]:
+    """First Ctrl+C: stop every trial cleanly (run.interrupted); a second one: at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        run.interrupted = True
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _placement(
+    spec: StudySpec, gpus_per_trial: float, cluster_gpus: float, say: Any
+) -> tuple[float, str]:
+    """(GPUs per trial, worker device): CPUs when no GPU is asked for, present, or allowed."""
+    if spec.device == "cpu":
+        if gpus_per_trial > 0:
+            say("ray: training.device is cpu: --gpus-per-trial ignored, trials run on CPUs")
+        return 0.0, "cpu"
+    if gpus_per_trial > 0 and cluster_gpus > 0:
+        return gpus_per_trial, "cuda"
+    if gpus_per_trial > 0:
+        say("ray: no GPU in the Ray cluster: trials run on CPUs")
+    else:
+        say("ray: no GPU per trial (--gpus-per-trial 0): trials run on CPUs")
+    return 0.0, "cpu"
+
+
+def _cache_dir(objective: Any) -> Path | None:
+    folder = getattr(objective, "cache_dir", None)
+    return None if folder is None else Path(folder).resolve()
+
+
+@contextlib.contextmanager
+def _quiet_ray_env() -> Iterator[None]:
+    """Set QUIET_ENV for the duration of the run."""
+    saved = {key: os.environ.get(key) for key in QUIET_ENV}
+    os.environ.update(QUIET_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _ray_session(address: str | None) -> Iterator[str]:
+    """Use the running Ray, or start/join one and shut it down afterwards; yields which it is."""
+    if ray.is_initialized():
+        yield "using the running Ray"
+        return
+    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if address is None:
+        options["include_dashboard"] = False
+    ray.init(address=address, **options)
+    try:
+        yield "started a local Ray" if address is None else f"joined the Ray cluster at {address}"
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _progress(
+    spec: StudySpec, study: optuna.Study, console: Console, quiet: bool
+) -> Iterator[Any]:
+    """A progress bar over the study's finished trials; yields ``update(status)``."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+        console=console, disable=quiet, transient=False,
+    ) as progress:
+        task = progress.add_task(
+            spec.name, total=spec.n_trials, completed=finished_count(study), status=""
+        )
+
+        def update(status: str) -> None:
+            progress.update(task, completed=finished_count(study), status=status)
+
+        yield update
+
+
+def _short_error(error: BaseException | str | None) -> str:
+    if error is None:
+        return "the Ray worker failed"
+    text = str(error).strip().splitlines()
+    name = type(error).__name__ if isinstance(error, BaseException) else "error"
+    return f"{name}: {text[0] if text else ''}"[:2000]
+
+
+class _Feeder(Searcher):
+    """Tune searcher that starts Ray trials while the study needs more: as the local loop, until
+    n_trials are finished (failed trials are replaced) or the run stops. Params come from Optuna."""
+
+    def __init__(self, job: RayJob, run: RayRun, timeout: float | None):
+        super().__init__()
+        self.job = job
+        self.run = run
+        self.deadline = math.inf if timeout is None else time.monotonic() + timeout
+        self.live: set[str] = set()  # Ray trials started by this run and not yet complete
+        self.started = 0
+        self.study: optuna.Study | None = None
+        self.polled_at = -math.inf
+        self.counts = (0, 0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its search algorithm into its results folder; the storage stays here.
+        return {**self.__dict__, "study": None}
+
+    def set_search_properties(self, metric: Any, mode: Any, config: Any, **spec: Any) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.run.stopped_reason or self.run.interrupted:
+            return Searcher.FINISHED
+        if time.monotonic() > self.deadline:  # study.timeout: running trials finish
+            self.run.timed_out = True
+            return Searcher.FINISHED
+        finished, running_elsewhere = self._poll()
+        if finished >= self.job.spec.n_trials:
+            return Searcher.FINISHED
+        room = self.job.spec.n_trials - finished - running_elsewhere
+        if len(self.live) >= room:
+            return None  # wait for a running trial to end
+        self.live.add(trial_id)
+        self.started += 1
+        return {"index": self.started - 1}
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        self.live.discard(trial_id)
+        self.polled_at = -math.inf  # the study changed: look again at the next suggest
+
+    def _poll(self) -> tuple[int, int]:
+        """(finished trials, trials running for other launchers), read at most once a second."""
+        if time.monotonic() - self.polled_at < 1.0:
+            return self.counts
+        if self.study is None:
+            storage = _storage(self.job.storage_url)
+            self.study = optuna.load_study(study_name=self.job.spec.name, storage=storage)
+        for attempt in range(2):
+            trials = self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+            finished = sum(t.state in FINISHED for t in trials)
+            elsewhere = sum(
+                t.state == TrialState.RUNNING and t.user_attrs.get(RUN_ATTR) != self.job.run_id
+                for t in trials
+            )
+            if not elsewhere or attempt or not fail_abandoned_trials(self.study):
+                break  # else look again: trials of dead processes were just failed
+        self.counts = (finished, elsewhere)
+        self.polled_at = time.monotonic()
+        return self.counts
+
+
+class _Monitor(tune.Callback):
+    """Driver-side Tune callback: counts outcomes, fails trials of dead workers, shows progress."""
+
+    def __init__(self, run: RayRun, job: RayJob, update: Any):
+        self.run = run
+        self.job = job
+        self.update = update
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its run config into its (temporary) results folder; the bar stays here.
+        return {"run": self.run, "job": self.job, "update": lambda status: None}
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        state = result.get("state", "")
+        reason = result.get("fail_reason") or None
+        self.run.record(state, reason)
+        if state != SKIPPED and not result.get("cache_hit", True):
+            self.run.cache_misses += 1
+        self.update(f"trial {result.get('number')} {state}" + (f": {reason}" if reason else ""))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = trial.get_pickled_error() or trial.get_error()
+        reason = f"ray worker error: {_short_error(error)}"
+        self.run.record(TrialState.FAIL.name, reason)
+        numbers = _fail_running(self.job, reason, ray_trial_id=trial.trial_id)
+        self.update(f"trial {', '.join(map(str, numbers)) or '?'} FAIL: {reason}")
+
+
+class _StopAll(tune.Stopper):
+    """Tune stopper: stops every running trial after Ctrl+C."""
+
+    def __init__(self, run: RayRun):
+        self.run = run
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.run.interrupted
+
+
+def _fail_running(job: RayJob, reason: str, ray_trial_id: str | None = None) -> list[int]:
+    """Fail this run's RUNNING trials (those of one Ray trial if given); returns their numbers."""
+    storage = _storage(job.storage_url)
+    study = optuna.load_study(study_name=job.spec.name, storage=storage)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        if attrs.get(RUN_ATTR) != job.run_id:
+            continue
+        if ray_trial_id is not None and attrs.get(RAY_TRIAL_ATTR) != ray_trial_id:
+            continue
+        try:
+            storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, reason)
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            failed.append(trial.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # its worker finished it meanwhile
+    return failed

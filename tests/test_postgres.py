@@ -1,0 +1,78 @@
+"""PostgreSQL, the multi-node storage: a Ray study with 2 trials at a time, passwords never shown.
+
+Needs ``LENSNAS_TEST_POSTGRES_URL`` (``eval "$(bash .ci/postgres.sh)"`` starts a local server
+and exports it). Skipped without it, except under CI, where it fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+
+from search.cli import main
+from search.study import trial_seed
+from tests.conftest import in_ci
+from tests.ray_fixtures import load, ray_session, write_ray_study
+
+__all__ = ["ray_session"]  # the module-scoped fixture, imported for pytest
+
+URL = os.environ.get("LENSNAS_TEST_POSTGRES_URL", "")
+
+pytestmark = pytest.mark.skipif(
+    not URL and not in_ci(),
+    reason='LENSNAS_TEST_POSTGRES_URL is unset: eval "$(bash .ci/postgres.sh)" to run',
+)
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    if not URL:
+        pytest.fail('under CI LENSNAS_TEST_POSTGRES_URL must be set: eval "$(bash .ci/postgres.sh)"')
+    assert make_url(URL).password, "the test URL must hold a password (to check it is never shown)"
+    return URL
+
+
+def test_ray_study_on_postgres_with_two_trials_at_a_time(
+    postgres_url, tmp_path, monkeypatch, ray_session, capsys
+):
+    monkeypatch.chdir(tmp_path)  # artifacts of a non-SQLite storage go to ./lensnas-artifacts
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    study_file = write_ray_study(tmp_path, name, n_trials=2, presets='"shearnet_cnn"')
+    password = make_url(postgres_url).password
+
+    args = ["launch", str(study_file), "--storage", postgres_url, "--executor", "ray"]
+    assert main([*args, "--max-concurrent", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert password not in out + err
+    assert f"study {name} in postgresql+psycopg2://lensnas:***@" in err
+
+    study = load(postgres_url, name)
+    first, second = study.trials
+    assert [first.state, second.state] == [TrialState.COMPLETE] * 2
+    assert first.datetime_start < second.datetime_complete
+    assert second.datetime_start < first.datetime_complete  # they ran at the same time
+    assert first.user_attrs["preset"] == "shearnet_cnn"
+    for trial in study.trials:
+        assert trial.user_attrs["executor"] == "ray"
+        assert trial.value == trial.user_attrs["rmse"] and "m1" in trial.user_attrs
+        assert sorted(trial.intermediate_values) == [1, 2]
+        assert trial.user_attrs["seed"] == trial_seed(3, trial.number)
+        assert (tmp_path / "lensnas-artifacts" / name / f"trial-{trial.number}").is_dir()
+    assert study.user_attrs["objective"] == "shear"
+
+    assert main([*args, "--quiet"]) == 0  # done already: nothing runs
+    assert len(load(postgres_url, name).trials) == 2
+
+
+def test_wrong_postgres_password_is_one_line_without_it(postgres_url, tmp_path, capsys):
+    wrong = make_url(postgres_url).set(password="not-the-password-42")
+    url = wrong.render_as_string(hide_password=False)
+    study_file = write_ray_study(tmp_path, "pg-wrong")
+    assert main(["launch", str(study_file), "--storage", url, "--executor", "ray"]) == 2
+    out, err = capsys.readouterr()
+    assert "not-the-password-42" not in out + err
+    assert err.count("\n") == 1 and "cannot open" in err and "***" in err
