@@ -9,7 +9,6 @@ import warnings
 from typing import Sequence
 
 import optuna
-from rich.console import Console
 
 from search.spec import SpecError
 from search.storage import StorageError, default_storage_url, open_storage, redact

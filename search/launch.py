@@ -12,7 +12,7 @@ from rich.console import Console
 from search.local import run_local
 from search.spec import SpecError, StudySpec, load_spec
 from search.storage import artifact_root, default_storage_url, open_storage, redact
-from search.study import finished_count, open_study, resolve_device
+from search.study import fail_abandoned_trials, finished_count, open_study, resolve_device
 from search.summary import output_console, print_best
 
 logger = logging.getLogger("lensnas")
@@ -47,7 +47,7 @@ def launch(
     url = storage or default_storage_url()
     console = console or Console(stderr=True, quiet=quiet)
     study = open_study(spec, open_storage(url))
-    optuna.storages.fail_stale_trials(study)
+    fail_abandoned_trials(study)
     done = finished_count(study)
     console.print(f"study [bold]{spec.name}[/] in {redact(url)}: {done}/{spec.n_trials} trials finished")
     if done < spec.n_trials:
@@ -65,7 +65,7 @@ def launch(
 
             failures = run_ray(spec, study, objective, storage_url=url, **common, **executor_options)
         else:
-            failures = run_local(spec, study, objective, **common)
+            failures = run_local(spec, study, objective, storage_url=url, **common)
         if failures.stopped_reason:
             console.print(f"[red]{spec.name}: {failures.stopped_reason}")
     if not quiet:

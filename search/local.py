@@ -1,20 +1,52 @@
-"""The local executor: in-process Optuna optimisation with a progress bar."""
+"""The local executor: trials run one at a time in this process, with a progress bar.
+
+Trials are asked and told explicitly (not through ``study.optimize``) so that several
+launchers sharing one study stop at exactly ``n_trials`` finished trials: each claims a
+trial under a lock (a file lock beside a SQLite database) only while finished plus running
+trials are fewer than ``n_trials``, and waits while the last ones run elsewhere.
+"""
 
 from __future__ import annotations
 
-import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from search.spec import StudySpec
-from search.study import FINISHED, StopAfterFailures, evaluate, finished_count
+from search.storage import claim_lock
+from search.study import (
+    FAIL_REASON,
+    FINISHED,
+    StopAfterFailures,
+    evaluate,
+    fail_abandoned_trials,
+    finished_count,
+    mark_worker,
+)
 
-logger = logging.getLogger("lensnas")
+WAIT_SECONDS = 2.0
+
+
+def _claim(study: optuna.Study, n_trials: int, storage_url: str) -> optuna.Trial | None | bool:
+    """A new trial, False when the study is done, None when others run the last trials."""
+    with claim_lock(storage_url):
+        fail_abandoned_trials(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        finished = sum(s in FINISHED for s in states)
+        running = states.count(TrialState.RUNNING)
+        if finished >= n_trials:
+            return False
+        if finished + running >= n_trials:
+            return None
+        trial = study.ask()
+        mark_worker(trial)
+        return trial
 
 
 def run_local(
@@ -22,6 +54,7 @@ def run_local(
     study: optuna.Study,
     objective: Any,
     *,
+    storage_url: str,
     device: str,
     artifact_root: Path,
     max_failures: int = 3,
@@ -30,46 +63,74 @@ def run_local(
 ) -> StopAfterFailures:
     """Run trials in this process until the study has ``spec.n_trials`` finished trials.
 
-    Trials that raise are recorded as FAIL with their reason and the study goes on;
-    ``max_failures`` consecutive failures stop it. KeyboardInterrupt propagates after
-    Optuna has recorded the interrupted trial as FAIL.
+    A trial that raises or returns a non-finite metric is told FAIL with its reason and the
+    study goes on; ``max_failures`` consecutive failures stop this launcher. On Ctrl-C the
+    running trial is told FAIL and KeyboardInterrupt propagates.
     """
-    remaining = spec.n_trials - finished_count(study)
     failures = StopAfterFailures(max_failures)
-    if remaining <= 0:
-        return failures
     console = console or Console(stderr=True)
+    started = time.monotonic()
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
         console=console, disable=quiet, transient=False,
     ) as progress:
-        task = progress.add_task(spec.name, total=spec.n_trials, completed=spec.n_trials - remaining, status="")
-        best = _best_text(study)
-
-        def on_log(message: str) -> None:
-            progress.update(task, status=f"{best} | {message}")
-
-        def objective_function(trial: optuna.Trial) -> list[float]:
-            return evaluate(spec, objective, trial, device, artifact_root, on_log)
-
-        def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            nonlocal best
-            best = _best_text(study)
-            if trial.state == optuna.trial.TrialState.FAIL:
-                reason = trial.user_attrs.get("fail_reason", "see the log")
-                progress.console.print(f"[red]trial {trial.number} failed:[/] {reason}", highlight=False)
-            progress.update(task, completed=finished_count(study), status=f"{best} | trial {trial.number} {trial.state.name}")
-
-        study.optimize(
-            objective_function,
-            n_trials=remaining,
-            timeout=spec.timeout,
-            catch=(Exception,),
-            callbacks=[MaxTrialsCallback(spec.n_trials, states=FINISHED), failures, after_trial],
-            gc_after_trial=True,
+        task = progress.add_task(
+            spec.name, total=spec.n_trials, completed=finished_count(study), status=_best_text(study)
         )
+        while failures.stopped_reason is None:
+            if spec.timeout is not None and time.monotonic() - started > spec.timeout:
+                console.print(f"{spec.name}: timeout of {spec.timeout:g} s reached")
+                break
+            trial = _claim(study, spec.n_trials, storage_url)
+            if trial is False:
+                break
+            if trial is None:
+                progress.update(task, status="waiting for trials running elsewhere")
+                time.sleep(WAIT_SECONDS)
+                continue
+            best = _best_text(study)
+
+            def on_log(message: str, best: str = best) -> None:
+                progress.update(task, status=f"{best} | {message}")
+
+            frozen = _run_one(spec, study, objective, trial, device, artifact_root, on_log)
+            if frozen.state == TrialState.FAIL:
+                reason = frozen.user_attrs.get(FAIL_REASON, "see the log")
+                progress.console.print(f"[red]trial {frozen.number} failed:[/] {reason}", highlight=False)
+            failures(study, frozen)
+            progress.update(
+                task, completed=finished_count(study),
+                status=f"{_best_text(study)} | trial {frozen.number} {frozen.state.name}",
+            )
     return failures
+
+
+def _run_one(
+    spec: StudySpec, study: optuna.Study, objective: Any, trial: optuna.Trial,
+    device: str, artifact_root: Path, on_log: Any,
+) -> optuna.trial.FrozenTrial:
+    with heartbeat(study, trial):
+        try:
+            values = evaluate(spec, objective, trial, device, artifact_root, on_log)
+        except optuna.TrialPruned:
+            return study.tell(trial, state=TrialState.PRUNED)
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception:
+            return study.tell(trial, state=TrialState.FAIL)
+    if not all(math.isfinite(v) for v in values):
+        return study.tell(trial, state=TrialState.FAIL)
+    return study.tell(trial, values)
+
+
+def heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Optuna's heartbeat thread for an asked trial (as study.optimize runs it), so that
+    launchers elsewhere can fail this trial if this process dies."""
+    from optuna.storages._heartbeat import get_heartbeat_thread  # no public equivalent for ask/tell
+
+    return get_heartbeat_thread(trial._trial_id, study._storage)
 
 
 def _best_text(study: optuna.Study) -> str:

@@ -77,3 +77,32 @@ def artifact_root(url: str) -> Path:
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         return Path(parsed.database).expanduser().resolve().parent / "lensnas-artifacts"
     return Path("lensnas-artifacts").resolve()
+
+
+def claim_lock(url: str):
+    """A cross-process lock for claiming trials: a file lock beside a SQLite database.
+
+    Other backends get no lock (launchers on several hosts may overshoot n_trials by the
+    number of launchers minus one).
+    """
+    import contextlib
+    import fcntl
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return contextlib.nullcontext()
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return contextlib.nullcontext()
+    lock_path = Path(parsed.database).expanduser().resolve().with_name(Path(parsed.database).name + ".claim-lock")
+
+    @contextlib.contextmanager
+    def locked():
+        with open(lock_path, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    return locked()

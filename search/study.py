@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -169,6 +172,45 @@ class StopAfterFailures:
             reason = trial.user_attrs.get(FAIL_REASON, "see the log")
             self.stopped_reason = f"stopped after {self.consecutive} consecutive failed trials; last: {reason}"
             study.stop()
+
+
+WORKER = "worker"
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    """Record which process runs ``trial`` (host:pid), so a dead launcher's trial can be failed."""
+    trial.set_user_attr(WORKER, f"{socket.gethostname()}:{os.getpid()}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_abandoned_trials(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose process is gone: a dead process on this host at once,
+    others once their heartbeat is older than the storage's grace period."""
+    host = socket.gethostname()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get(WORKER, "")).rpartition(":")
+        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            storage = study._storage
+            try:  # the reason first: a finished trial accepts no attribute
+                storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, f"abandoned: process {pid} on {host} died")
+                if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    failed.append(trial.number)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another process finished or failed it meanwhile
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return failed
 
 
 def resolve_device(device: str) -> str:

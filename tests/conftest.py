@@ -27,6 +27,7 @@ stamp_size = 25
 pixel_scale = 0.2
 half_light_radius_min = 0.4
 half_light_radius_max = 0.6
+{objective_extra}
 
 [training]
 epochs = {epochs}
@@ -43,12 +44,14 @@ dense_units = {{ type = "categorical", choices = [16, 128], when = {{ head = "de
 
 
 def write_tiny_shear_study(
-    folder: Path, name: str = "tiny", n_trials: int = 3, epochs: int = 2, pruner: str = "none"
+    folder: Path, name: str = "tiny", n_trials: int = 3, epochs: int = 2, pruner: str = "none",
+    objective_extra: str = "",
 ) -> Path:
-    """A small shear study file in ``folder`` (a few seconds per trial on a CPU)."""
+    """A small shear study file in ``folder`` (a few seconds per trial on a CPU);
+    ``objective_extra`` is added to its [objective] table."""
     path = Path(folder) / f"{name}.toml"
     path.write_text(textwrap.dedent(TINY_SHEAR_STUDY.format(
-        name=name, n_trials=n_trials, epochs=epochs, pruner=pruner
+        name=name, n_trials=n_trials, epochs=epochs, pruner=pruner, objective_extra=objective_extra
     )))
     return path
 

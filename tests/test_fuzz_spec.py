@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from search.spec import SpecError, load_spec
 from tests.conftest import TINY_SHEAR_STUDY
 
-BASE = TINY_SHEAR_STUDY.format(name="fuzz", n_trials=2, epochs=1, pruner="none")
+BASE = TINY_SHEAR_STUDY.format(name="fuzz", n_trials=2, epochs=1, pruner="none", objective_extra="")
 BASE_TABLES = tomllib.loads(BASE)
 
 scalars = st.one_of(

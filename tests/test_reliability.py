@@ -1,0 +1,121 @@
+"""Faults, measured: launchers killed with SIGKILL, and two launchers sharing one SQLite study."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from tests.conftest import write_tiny_shear_study
+
+FAST = {"n_train = 160": "n_train = 64", "n_validation = 48": "n_validation = 16",
+        "n_test = 64": "n_test = 16", "stamp_size = 25": "stamp_size = 17"}
+
+
+def _fast_study(folder: Path, name: str, n_trials: int) -> Path:
+    """The tiny study, smaller still, without a reference estimator: about a second a trial."""
+    path = write_tiny_shear_study(folder, name=name, n_trials=n_trials, epochs=1,
+                                  objective_extra='reference = "none"')
+    text = path.read_text()
+    for old, new in FAST.items():
+        text = text.replace(old, new)
+    path.write_text(text)
+    return path
+
+
+def _launch_command(study_file: Path, storage: str) -> list[str]:
+    return [sys.executable, "-m", "search.cli", "launch", str(study_file), "--storage", storage, "--quiet"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+def _trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=name, storage=storage).trials
+    except KeyError:
+        return []
+
+
+def _wait_for_running_trial(storage: str, name: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if any(t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{process.pid}")
+               for t in _trials(storage, name)):
+            return
+        time.sleep(0.1)
+
+
+def test_killed_launchers_lose_nothing_and_the_study_ends_exact(tmp_path):
+    n_trials = 8
+    study_file = _fast_study(tmp_path, "killed", n_trials)
+    storage = f"sqlite:///{tmp_path}/lensnas.db"
+    rng = random.Random(11)
+    kills, lost = 0, 0
+    for attempt in range(10):
+        before = {t.number: (t.params, t.values, t.user_attrs.get("rmse"))
+                  for t in _trials(storage, "killed") if t.state == TrialState.COMPLETE}
+        process = subprocess.Popen(_launch_command(study_file, storage), cwd=tmp_path, env=_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if attempt % 2 == 0:
+            time.sleep(rng.uniform(0.5, 6.0))  # start-up, data preparation or any later moment
+        else:
+            _wait_for_running_trial(storage, "killed", process, timeout=120)
+            time.sleep(rng.uniform(0.0, 1.0))  # mid-trial or while writing its results
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait(30)
+        after = {t.number: t for t in _trials(storage, "killed")}
+        for number, record in before.items():
+            trial = after.get(number)
+            if trial is None or trial.state != TrialState.COMPLETE or \
+                    (trial.params, trial.values, trial.user_attrs.get("rmse")) != record:
+                lost += 1
+    assert kills >= 8, f"only {kills} launchers were still running when killed"
+    assert lost == 0
+    finished = subprocess.run(_launch_command(study_file, storage), cwd=tmp_path, env=_env(),
+                              capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    trials = _trials(storage, "killed")
+    states = [t.state for t in trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == n_trials
+    abandoned = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(abandoned) >= 3  # trials killed mid-run, failed by the next launch
+    for trial in abandoned:
+        assert "abandoned" in trial.user_attrs.get("fail_reason", ""), trial.user_attrs
+    print(f"kills survived: {kills}, completed trials lost: {lost}, "
+          f"abandoned trials failed: {states.count(TrialState.FAIL)}")
+
+
+def test_two_launchers_share_one_sqlite_study(tmp_path):
+    n_trials = 40
+    study_file = _fast_study(tmp_path, "shared", n_trials)
+    storage = f"sqlite:///{tmp_path}/lensnas.db"
+    # build the dataset once so both launchers start trials at the same time
+    subprocess.run(_launch_command(study_file, storage)[:-1] + ["--quiet", "--n-trials", "1"],
+                   cwd=tmp_path, env=_env(), check=True, capture_output=True)
+    processes = [
+        subprocess.Popen(_launch_command(study_file, storage), cwd=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=900) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    text = "".join(out + err for out, err in outputs)
+    assert "database is locked" not in text
+    trials = _trials(storage, "shared")
+    assert len(trials) == n_trials  # none lost, none duplicated, no overshoot
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.number for t in trials) == list(range(n_trials))
+    workers = {t.user_attrs["worker"] for t in trials[1:]}
+    assert len(workers) == 2  # both launchers ran trials
