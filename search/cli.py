@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("study_name")
     _storage_argument(status)
 
+    baseline = commands.add_parser("baseline", help="reference estimators on a shear study's test set")
+    baseline.add_argument("study_file")
+    baseline.add_argument("--noise", default=None, help="comma-separated noise levels, e.g. 1e-5,1e-3,1e-2")
+    baseline.add_argument("--cache-dir", default=None, help="dataset and reference cache")
+    baseline.add_argument("--quiet", action="store_true", help="no progress bars")
+
     dashboard = commands.add_parser("dashboard", help="optuna-dashboard on the storage, with artifacts")
     _storage_argument(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -98,6 +104,29 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline(args: argparse.Namespace) -> int:
+    from search.baseline import baseline_rows, print_baseline
+    from search.spec import load_spec
+    from search.summary import output_console
+
+    spec = load_spec(args.study_file)
+    if spec.objective != "shear":
+        raise SpecError(f"{spec.path}: study.objective: baseline needs a shear study, got '{spec.objective}'")
+    noise_levels = None
+    if args.noise:
+        try:
+            noise_levels = [float(x) for x in args.noise.split(",")]
+        except ValueError:
+            raise SpecError(f"--noise: expected comma-separated numbers, got {args.noise!r}") from None
+        if any(not 0 <= x < 1e3 for x in noise_levels):
+            raise SpecError(f"--noise: noise levels must be in [0, 1000), got {args.noise!r}")
+    objective = spec.make_objective(args.cache_dir, progress=not args.quiet)
+    rows = baseline_rows(objective.simulation, objective.counts["test"], spec.seed, noise_levels,
+                         objective.cache_dir, not args.quiet)
+    print_baseline(rows, output_console())
+    return 0
+
+
 def _dashboard(args: argparse.Namespace) -> int:
     from search.dashboard import serve
 
@@ -124,7 +153,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "launch": _launch, "status": _status, "dashboard": _dashboard, "report": _report,
+    "launch": _launch, "status": _status, "baseline": _baseline, "dashboard": _dashboard, "report": _report,
     "export": _export,
 }
 

@@ -120,3 +120,14 @@ def test_ctrl_c_mid_trial_leaves_no_running_trial(tmp_path):
     trials = _load(storage).trials
     assert len(trials) == 1 and trials[0].state == TrialState.FAIL
     assert not _load(storage).get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def test_baseline_command_prints_every_estimator_per_noise_level(tmp_path, capsys):
+    study_file = write_tiny_shear_study(tmp_path)
+    assert main(["baseline", str(study_file), "--noise", "1e-5,1e-3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for estimator in ("metacal", "hsm REGAUSS", "hsm KSB"):
+        assert out.count(estimator) == 2, out
+    assert "1e-05" in out and "1e-03" in out and "gal/s/core" in out
+    assert main(["baseline", str(study_file), "--noise", "1e-5,loud"]) == 2
+    assert "--noise" in capsys.readouterr().err
