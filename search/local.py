@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,10 @@ def _claim(study: optuna.Study, n_trials: int, storage_url: str) -> optuna.Trial
             return False
         if finished + running >= n_trials:
             return None
-        trial = study.ask()
+        with warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for optimize(); run_local runs them itself.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask()
         mark_worker(trial)
         return trial
 
