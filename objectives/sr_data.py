@@ -27,6 +27,7 @@ validation, ``[data_seed, 3]`` test.
 from __future__ import annotations
 
 import math
+from tokenize import TokenError
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -359,7 +360,8 @@ def folder_fingerprint(folder: Path) -> list[list[Any]]:
 def _load_array(path: Path, unit_range: bool) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, SyntaxError, TokenError) as error:
+        # a corrupted header fails in numpy's header parser with SyntaxError or TokenError
         message = " ".join(str(error).split())
         raise SpaceError(str(path), f"unreadable .npy file ({message})") from None
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):

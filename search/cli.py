@@ -89,7 +89,7 @@ def _launch(args: argparse.Namespace) -> int:
 def load_study(name: str, storage_url: str | None) -> optuna.Study:
     """Load a stored study by name; a clear error lists the stored names otherwise."""
     url = storage_url or default_storage_url()
-    storage = open_storage(url)
+    storage = open_storage(url, must_exist=True)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if name not in names:
         known = ", ".join(names) if names else "none"

@@ -31,8 +31,9 @@ def default_storage_url() -> str:
     return os.environ.get("LENSNAS_STORAGE", DEFAULT_STORAGE)
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage for ``url`` with heartbeats (stale trials get failed) and a SQLite busy timeout."""
+def open_storage(url: str, must_exist: bool = False) -> optuna.storages.RDBStorage:
+    """An RDB storage for ``url`` with heartbeats (stale trials get failed) and a SQLite busy
+    timeout; ``must_exist``: refuse to create a new SQLite file (for commands that only read)."""
     try:
         parsed = make_url(url)
     except Exception:
@@ -42,9 +43,15 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         # Several workers on one SQLite file: wait for the lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 120}
         if parsed.database and parsed.database != ":memory:":
-            folder = Path(parsed.database).expanduser().resolve().parent
-            if not folder.is_dir():
-                raise StorageError(f"storage URL {redact(url)!r}: folder {folder} does not exist")
+            try:
+                database = Path(parsed.database).expanduser().resolve()
+                folder_exists, file_exists = database.parent.is_dir(), database.is_file()
+            except OSError as error:
+                raise StorageError(f"storage URL {redact(url)!r}: bad path ({error.strerror})") from None
+            if not folder_exists:
+                raise StorageError(f"storage URL {redact(url)!r}: folder {database.parent} does not exist")
+            if must_exist and not file_exists:
+                raise StorageError(f"storage URL {redact(url)!r}: no such database file {database}")
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:

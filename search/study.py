@@ -156,7 +156,7 @@ def evaluate(
 
 
 class StopAfterFailures:
-    """Optuna callback: stop the study after ``limit`` consecutive FAIL trials of this run."""
+    """Counts consecutive FAIL trials of this run; ``stopped_reason`` is set at ``limit``."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -171,7 +171,6 @@ class StopAfterFailures:
         if self.limit and self.consecutive >= self.limit:
             reason = trial.user_attrs.get(FAIL_REASON, "see the log")
             self.stopped_reason = f"stopped after {self.consecutive} consecutive failed trials; last: {reason}"
-            study.stop()
 
 
 WORKER = "worker"
