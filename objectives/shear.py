@@ -245,7 +245,8 @@ class ShearObjective:
             metrics["abs_m_diff"] = metrics["abs_m"] - metrics["ref_abs_m"]
         self._save(result.model, params, ctx)
         shear_residual_figure(
-            Path(ctx.artifact_dir) / FIGURE, self.data["test.labels"], estimate, self.reference_estimate
+            Path(ctx.artifact_dir) / FIGURE, self.data["test.labels"], estimate,
+            self.reference_estimate, reference_name=self.options["reference"],
         )
         return metrics
 

@@ -221,17 +221,13 @@ def export_study(
 
 def study_spec(study: optuna.Study) -> StudySpec:
     """The StudySpec stored with the study (study user attribute "spec")."""
-    from search.spec import _validate
-    from spaces import SpaceError
+    from search.spec import spec_from_dict
 
     raw = study.user_attrs.get("spec")
     source = Path(str(study.user_attrs.get("study_file", f"study '{study.study_name}'")))
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: the stored study has no spec (user attribute 'spec')")
-    try:
-        return _validate(source, raw)
-    except SpaceError as error:
-        raise SpecError(f"{source}: {error}") from None
+    return spec_from_dict(raw, source)
 
 
 def study_objective(study: optuna.Study, cache_dir: str | Path | None = None) -> Any:

@@ -76,7 +76,8 @@ class StudySpec:
             changes["n_trials"] = n_trials
         if seed is not None:
             changes["seed"] = seed
-        return dataclasses.replace(self, **changes)
+        raw = {**self.raw, "study": {**self.raw.get("study", {}), **changes}}
+        return dataclasses.replace(self, raw=raw, **changes)
 
     def make_objective(self, cache_dir: str | Path | None = None, progress: bool = True) -> Any:
         """An instance of the study's objective (data not yet prepared)."""
@@ -101,6 +102,14 @@ def load_spec(path: str | Path) -> StudySpec:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: invalid TOML: {error}") from None
+    return spec_from_dict(raw, path)
+
+
+def spec_from_dict(raw: Any, path: str | Path) -> StudySpec:
+    """Validate an already parsed study (e.g. the copy stored with a study); errors name ``path``."""
+    path = Path(path)
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a study must be a table of tables, got {type(raw).__name__}")
     try:
         return _validate(path, raw)
     except SpaceError as error:

@@ -54,8 +54,18 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.
     stored_objective = study.user_attrs.get("objective")
     if stored_objective not in (None, spec.objective):
         raise SpecError(f"{spec.path}: study.objective: the stored study '{spec.name}' uses '{stored_objective}'; pick another study name")
+    stored_seed = study.user_attrs.get("seed", spec.seed)
+    if stored_seed != spec.seed:
+        raise SpecError(
+            f"{spec.path}: study.seed: the stored study '{spec.name}' uses seed {stored_seed} "
+            f"(its data and sampler depend on it); a different seed needs another study name"
+        )
     if stored_objective is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.metrics))  # names instead of "Objective 0" in the dashboard
         study.set_user_attr("objective", spec.objective)
+        study.set_user_attr("seed", spec.seed)
         study.set_user_attr("metrics", list(spec.metrics))
         study.set_user_attr("study_file", str(spec.path))
         study.set_user_attr("spec", _json_safe(spec.raw))

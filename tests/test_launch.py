@@ -131,3 +131,12 @@ def test_baseline_command_prints_every_estimator_per_noise_level(tmp_path, capsy
     assert "1e-05" in out and "1e-03" in out and "gal/s/core" in out
     assert main(["baseline", str(study_file), "--noise", "1e-5,loud"]) == 2
     assert "--noise" in capsys.readouterr().err
+
+
+def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
+    study_file = write_tiny_shear_study(tmp_path, n_trials=1, objective_extra='reference = "none"')
+    storage = f"sqlite:///{tmp_path}/s.db"
+    assert main(["launch", str(study_file), "--storage", storage, "--quiet"]) == 0
+    assert main(["launch", str(study_file), "--storage", storage, "--seed", "99", "--n-trials", "2"]) == 2
+    assert "study.seed: the stored study 'tiny' uses seed 3" in capsys.readouterr().err
+    assert len(_load(storage).trials) == 1
