@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -54,16 +56,24 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.RDBStora
                 raise StorageError(f"storage URL {redact(url)!r}: no such database file {database}")
     else:
         engine_kwargs["pool_pre_ping"] = True
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-        )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as error:
-        reason = str(getattr(error, "orig", None) or error).splitlines()[0]
-        raise StorageError(f"storage URL {redact(url)!r}: cannot open ({redact_text(reason, url)})") from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=GRACE_SECONDS,
+                )
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as error:
+            reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+            # Two processes creating the schema of a new database at once: one wins, retry.
+            if "already exists" in reason and attempt < 4:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise StorageError(f"storage URL {redact(url)!r}: cannot open ({redact_text(reason, url)})") from None
+    raise AssertionError("unreachable")
 
 
 def redact_text(text: str, url: str) -> str:
