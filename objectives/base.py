@@ -6,9 +6,10 @@ Objectives never import Optuna or Ray; executors adapt their own trial objects t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 
 class TrialPruned(Exception):

@@ -15,8 +15,9 @@ noise (``images_minus``) for the noise-cancelling paired bias protocol.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import galsim
 import numpy as np

@@ -27,9 +27,9 @@ validation, ``[data_seed, 3]`` test.
 from __future__ import annotations
 
 import math
-from tokenize import TokenError
 from collections.abc import Callable
 from pathlib import Path
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import optuna
 
@@ -78,8 +78,8 @@ def _launch(args: argparse.Namespace) -> int:
         args.study_file, args.storage, n_trials=args.n_trials, seed=args.seed, quiet=args.quiet,
         cache_dir=args.cache_dir, max_failures=args.max_failures, executor=args.executor,
         **(
-            dict(gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
-                 max_concurrent=args.max_concurrent, address=args.address)
+            {"gpus_per_trial": args.gpus_per_trial, "cpus_per_trial": args.cpus_per_trial,
+             "max_concurrent": args.max_concurrent, "address": args.address}
             if args.executor == "ray" else {}
         ),
     )

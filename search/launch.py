@@ -56,10 +56,10 @@ def launch(
         for key, value in objective.trial_attrs().items():
             study.set_user_attr(key, value)
         device = resolve_device(spec.device)
-        common = dict(
-            device=device, artifact_root=artifact_root(url), max_failures=max_failures,
-            quiet=quiet, console=console,
-        )
+        common = {
+            "device": device, "artifact_root": artifact_root(url), "max_failures": max_failures,
+            "quiet": quiet, "console": console,
+        }
         if executor == "ray":
             from search.ray_executor import run_ray
 

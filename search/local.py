@@ -122,7 +122,7 @@ def _run_one(
         except KeyboardInterrupt:
             study.tell(trial, state=TrialState.FAIL)
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - any error of a trial is that trial's FAIL (reason stored)
             return study.tell(trial, state=TrialState.FAIL)
     if not all(math.isfinite(v) for v in values):
         return study.tell(trial, state=TrialState.FAIL)

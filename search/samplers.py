@@ -34,7 +34,7 @@ def grid_space(spec: StudySpec) -> dict[str, list]:
             grid[dimension.name] = list(dimension.choices)
         elif dimension.kind in ("int", "float"):
             step = dimension.step or 1
-            count = int(round((dimension.high - dimension.low) / step)) + 1
+            count = round((dimension.high - dimension.low) / step) + 1
             values = [dimension.low + i * step for i in range(count)]
             grid[dimension.name] = [int(v) for v in values] if dimension.kind == "int" else values
     return grid

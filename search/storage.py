@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import sqlalchemy
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 DEFAULT_STORAGE = "sqlite:///lensnas.db"
 HEARTBEAT_SECONDS = 30
@@ -20,12 +23,30 @@ class StorageError(RuntimeError):
     """A storage URL that is malformed or cannot be reached (message never shows a password)."""
 
 
+def parse_url(url: str) -> URL | None:
+    """The parsed SQLAlchemy URL, or None when ``url`` is not one."""
+    try:
+        return make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError, TypeError):
+        return None
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a file-backed SQLite URL, else None."""
+    parsed = parse_url(url)
+    if parsed is None or parsed.get_backend_name() != "sqlite":
+        return None
+    if not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database).expanduser()
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced by ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # a URL too malformed to parse: show only its scheme
+    parsed = parse_url(url)
+    if parsed is None:  # too malformed to parse: show only its scheme
         return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+    return parsed.render_as_string(hide_password=True)
 
 
 def default_storage_url() -> str:
@@ -36,17 +57,19 @@ def default_storage_url() -> str:
 def open_storage(url: str, must_exist: bool = False) -> optuna.storages.RDBStorage:
     """An RDB storage for ``url`` with heartbeats (stale trials get failed) and a SQLite busy
     timeout; ``must_exist``: refuse to create a new SQLite file (for commands that only read)."""
-    try:
-        parsed = make_url(url)
-    except Exception:
-        raise StorageError(f"storage URL {redact(url)!r} is not a valid SQLAlchemy URL (e.g. sqlite:///lensnas.db, postgresql://user@host/db)") from None
+    parsed = parse_url(url)
+    if parsed is None:
+        raise StorageError(
+            f"storage URL {redact(url)!r} is not a valid SQLAlchemy URL "
+            "(e.g. sqlite:///lensnas.db, postgresql://user@host/db)"
+        )
     engine_kwargs: dict = {}
     if parsed.get_backend_name() == "sqlite":
         # Several workers on one SQLite file: wait for the lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 120}
-        if parsed.database and parsed.database != ":memory:":
+        if sqlite_path(url) is not None:
             try:
-                database = Path(parsed.database).expanduser().resolve()
+                database = sqlite_path(url).resolve()
                 folder_exists, file_exists = database.parent.is_dir(), database.is_file()
             except OSError as error:
                 raise StorageError(f"storage URL {redact(url)!r}: bad path ({error.strerror})") from None
@@ -78,48 +101,33 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.RDBStora
 
 def redact_text(text: str, url: str) -> str:
     """``text`` with the password of ``url`` (if any) replaced by ***."""
-    try:
-        password = make_url(url).password
-    except Exception:
-        return text
+    parsed = parse_url(url)
+    password = parsed.password if parsed is not None else None
     return text.replace(password, "***") if password else text
 
 
 def artifact_root(url: str) -> Path:
     """Folder for trial artifacts: next to a SQLite file, else ``./lensnas-artifacts``."""
-    try:
-        parsed = make_url(url)
-    except Exception:
-        return Path("lensnas-artifacts").resolve()
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        return Path(parsed.database).expanduser().resolve().parent / "lensnas-artifacts"
-    return Path("lensnas-artifacts").resolve()
+    database = sqlite_path(url)
+    folder = database.resolve().parent if database is not None else Path.cwd()
+    return folder / "lensnas-artifacts"
 
 
-def claim_lock(url: str):
+@contextlib.contextmanager
+def claim_lock(url: str) -> Iterator[None]:
     """A cross-process lock for claiming trials: a file lock beside a SQLite database.
 
     Other backends get no lock (launchers on several hosts may overshoot n_trials by the
     number of launchers minus one).
     """
-    import contextlib
-    import fcntl
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        return contextlib.nullcontext()
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        return contextlib.nullcontext()
-    lock_path = Path(parsed.database).expanduser().resolve().with_name(Path(parsed.database).name + ".claim-lock")
-
-    @contextlib.contextmanager
-    def locked():
-        with open(lock_path, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    return locked()
+    database = sqlite_path(url)
+    if database is None:
+        yield
+        return
+    lock_path = database.resolve().with_name(database.name + ".claim-lock")
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

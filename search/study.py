@@ -11,8 +11,9 @@ import math
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import optuna

@@ -20,7 +20,7 @@ def _build_slowly(marker_dir: str):
 
 
 def _worker(root: str, marker_dir: str, queue) -> None:
-    arrays, meta, hit = cached_arrays(root, "demo", {"a": 1}, _build_slowly(marker_dir))
+    arrays, _, hit = cached_arrays(root, "demo", {"a": 1}, _build_slowly(marker_dir))
     queue.put((float(arrays["x"].sum()), hit))
 
 
@@ -30,7 +30,7 @@ def test_hash_depends_on_configuration_only():
 
 
 def test_tampered_entry_is_detected_and_rebuilt(tmp_path):
-    build = lambda: ({"x": np.arange(10.0)}, {})  # noqa: E731
+    build = lambda: ({"x": np.arange(10.0)}, {})
     _, _, hit = cached_arrays(tmp_path, "demo", {"a": 1}, build)
     assert hit is False
     arrays, _, hit = cached_arrays(tmp_path, "demo", {"a": 1}, build)

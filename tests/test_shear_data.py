@@ -26,10 +26,10 @@ def test_simulation_is_deterministic_under_a_seed():
 def test_splits_are_disjoint_populations():
     arrays = simulate(SMALL, COUNTS, seed=5)
     keys = {}
-    for split in COUNTS:
+    for split, count in COUNTS.items():
         rows = np.column_stack([arrays[f"{split}.half_light_radius"], arrays[f"{split}.labels"]])
         keys[split] = {tuple(np.round(row, 12)) for row in rows}
-        assert len(keys[split]) == COUNTS[split]
+        assert len(keys[split]) == count
     assert not keys["train"] & keys["validation"]
     assert not keys["train"] & keys["test"]
     assert not keys["validation"] & keys["test"]
@@ -50,7 +50,7 @@ def test_labels_and_paired_images():
     i = int(np.argmax(labels[:, 0]))
     x_profile_plus, y_profile_plus = plus[i].sum(0), plus[i].sum(1)
     center = np.arange(SMALL.stamp_size) - SMALL.stamp_size // 2
-    width = lambda profile: np.sum(profile * center**2) / np.sum(profile)  # noqa: E731
+    width = lambda profile: np.sum(profile * center**2) / np.sum(profile)
     assert width(x_profile_plus) > width(y_profile_plus)
     assert width(minus[i].sum(0)) < width(minus[i].sum(1))
     # unit flux: the stamp sums to about 1 (a little light falls off the stamp)
