@@ -1,14 +1,20 @@
 """The Ray executor: trials run as Ray Tune trials, each one an Optuna trial of the stored study.
 
-Every Ray trial opens the study's storage, loads the study with its sampler and pruner, and runs
-one Optuna trial through :func:`search.study.evaluate` (``study.optimize(n_trials=1)``), exactly
-as the local executor does. So each trial appears in the study as it runs (RUNNING, with
-heartbeats), the study's pruner decides pruning, and a trial ends COMPLETE, PRUNED or FAIL (with
-its ``fail_reason``) in the study. Ray Tune only places the trials on CPUs/GPUs and limits how many
-run at once; its results folder is temporary. The study stays resumable by either executor.
+Each Ray trial (a worker process) opens the study's storage, loads the study with its sampler
+(seeded apart per Ray trial) and pruner, claims one Optuna trial exactly as the local executor
+does (:mod:`search.local`: under the claim lock, only while the study needs more) and runs it
+through :func:`search.study.evaluate`, then tells COMPLETE, PRUNED or FAIL (with its
+``fail_reason``). So each trial appears in the study as it runs (RUNNING, with heartbeats), the
+study's pruner decides pruning, and the study stays resumable by either executor.
 
-Trials whose worker dies (out of memory, killed) are failed by the driver with Ray's error; if the
-driver itself dies, their heartbeats stop and the next launch fails them as stale.
+On the driver, a Tune searcher (:class:`_Feeder`) starts Ray trials while the study has fewer
+than n_trials finished ones (failed trials are replaced), never more at once than the cluster
+or ``max_concurrent`` allows; Tune places them on CPUs/GPUs. Its results folder is temporary:
+the Optuna storage and the artifact store are the record.
+
+A trial whose worker dies (out of memory, killed) is failed by the driver with Ray's error;
+Ctrl+C stops every trial and fails the running ones; if the driver itself dies, the trials'
+heartbeats stop and the next launch fails them as stale.
 """
 
 from __future__ import annotations
@@ -240,7 +246,8 @@ def run_ray(
                     ),
                 )
                 try:
-                    tuner.fit()
+                    with _quiet_logger("ray.tune"):  # failures are shown and stored by us
+                        tuner.fit()
                 finally:
                     _fail_running(job, f"stopped by the ray executor: {run.why_stopped()}")
         finally:
@@ -325,6 +332,18 @@ def _quiet_ray_env() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Only critical messages from logger ``name`` while inside."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
 def _ray_session(address: str | None) -> Iterator[str]:
     """Use the running Ray, or start/join one and shut it down afterwards; yields which it is."""
     if ray.is_initialized():
@@ -333,7 +352,11 @@ def _ray_session(address: str | None) -> Iterator[str]:
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address is None:
         options["include_dashboard"] = False
-    ray.init(address=address, **options)
+    try:
+        ray.init(address=address, **options)
+    except ConnectionError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise SpecError(f"--address {address}: cannot join the Ray cluster ({reason})") from None
     try:
         yield "started a local Ray" if address is None else f"joined the Ray cluster at {address}"
     finally:
@@ -360,12 +383,17 @@ def _progress(
         yield update
 
 
-def _short_error(error: BaseException | str | None) -> str:
-    if error is None:
-        return "the Ray worker failed"
-    text = str(error).strip().splitlines()
-    name = type(error).__name__ if isinstance(error, BaseException) else "error"
-    return f"{name}: {text[0] if text else ''}"[:2000]
+def _trial_error(trial: Any) -> str:
+    """Ray's error for a failed Ray trial, on one line (read from the trial's local error files)."""
+    if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
+        with open(trial.pickled_error_file, "rb") as handle:
+            error = ray.cloudpickle.load(handle)
+        text = f"{type(error).__name__}: {error}"
+    elif trial.error_file and os.path.exists(trial.error_file):
+        text = Path(trial.error_file).read_text()
+    else:
+        text = "the Ray worker failed (no error recorded)"
+    return " ".join(text.split())[:1000]
 
 
 class _Feeder(Searcher):
@@ -456,8 +484,7 @@ class _Monitor(tune.Callback):
         self.update(f"trial {result.get('number')} {state}" + (f": {reason}" if reason else ""))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = trial.get_pickled_error() or trial.get_error()
-        reason = f"ray worker error: {_short_error(error)}"
+        reason = f"ray worker error: {_trial_error(trial)}"
         self.run.record(TrialState.FAIL.name, reason)
         numbers = _fail_running(self.job, reason, ray_trial_id=trial.trial_id)
         self.update(f"trial {', '.join(map(str, numbers)) or '?'} FAIL: {reason}")

@@ -119,13 +119,11 @@ def _finished(storage: str, number: int) -> optuna.trial.FrozenTrial | None:
 def test_dead_worker_and_ctrl_c_leave_no_trial_running(tmp_path, ray_session, capsys):
     study_file = write_ray_study(tmp_path, "stop", n_trials=4, epochs=200)
     storage = f"sqlite:///{tmp_path}/lensnas.db"
+    open_study(load_spec(study_file), open_storage(storage))  # before the watcher reads it
     seen: dict[str, object] = {}
 
     def running() -> list[optuna.trial.FrozenTrial]:
-        try:
-            trials = load(storage, "stop").get_trials(states=(TrialState.RUNNING,))
-        except KeyError:
-            return []
+        trials = load(storage, "stop").get_trials(states=(TrialState.RUNNING,))
         return [t for t in trials if "ray_trial_id" in t.user_attrs]
 
     def wait_for(condition, timeout: float = 120.0):
