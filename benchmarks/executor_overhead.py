@@ -1,13 +1,13 @@
 """What running trials through Ray costs next to the local executor, measured in one run.
 
-    python -m benchmarks.executor_overhead [--trials 20] [--shear-trials 6]
+    python -m benchmarks.executor_overhead [--trials 20] [--shear-trials 8]
 
 1. Framework overhead per trial: a trial that does almost nothing (the ``noop`` objective
    registered below), run N times, one at a time, by each executor against SQLite. Per trial:
    the span from the first trial's start to the last one's end, over N; fixed per launch: the
    executor's wall time less that span (Ray: starting trial actors). ``ray.init`` is timed
    apart; the Ray runs share one started Ray.
-2. Throughput of a small real shear trial (GalSim stamps, a small CNN trained 3 epochs): Ray
+2. Throughput of a small real shear trial (1500 GalSim stamps, a small CNN, 3 epochs): Ray
    with 1 CPU per trial and 1 vs 2 trials at once, and the local executor (one trial, all
    cores), in trials per minute over the same span.
 """
@@ -60,9 +60,9 @@ n_trials = {n_trials}
 seed = 7
 
 [objective]
-n_train = 400
-n_validation = 100
-n_test = 100
+n_train = 1500
+n_validation = 300
+n_test = 200
 stamp_size = 25
 pixel_scale = 0.2
 reference = "none"
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run both measurements and print them as tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="noop trials per executor")
-    parser.add_argument("--shear-trials", type=int, default=6)
+    parser.add_argument("--shear-trials", type=int, default=8)
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore")
