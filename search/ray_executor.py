@@ -213,6 +213,14 @@ def run_ray(
         cluster = ray.cluster_resources()
         gpus, worker_device = _placement(spec, gpus_per_trial, cluster.get("GPU", 0.0), say)
         capacity = _capacity(cluster, cpus_per_trial, gpus, max_concurrent)
+        if capacity == 0:
+            needs = f"{cpus_per_trial:g} CPUs" + (f" + {gpus:g} GPUs" if gpus else "")
+            has = f"{cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs"
+            if address is None:
+                raise SpecError(f"--cpus-per-trial/--gpus-per-trial: a trial needs {needs}, "
+                                f"this machine's Ray has {has}")
+            say(f"[yellow]ray: a trial needs {needs}, the cluster has {has} now: waiting for more")
+            capacity = 1
         say(
             f"ray: {session} with {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
             f"each trial {cpus_per_trial:g} CPU + {gpus:g} GPU, {capacity} at once"
@@ -266,13 +274,13 @@ def _capacity(
     cluster: dict[str, float], cpus_per_trial: float, gpus_per_trial: float,
     max_concurrent: int | None,
 ) -> int:
-    """How many trials the cluster can run at once (at least 1), capped by max_concurrent."""
+    """How many trials the cluster can run at once now (0: not one), capped by max_concurrent."""
     fits = [int(cluster.get("CPU", 0.0) / cpus_per_trial + 1e-9)]
     if gpus_per_trial > 0:
         fits.append(int(cluster.get("GPU", 0.0) / gpus_per_trial + 1e-9))
     if max_concurrent is not None:
         fits.append(max_concurrent)
-    return max(1, min(fits))
+    return min(fits)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import optuna
 import pytest
@@ -162,10 +161,13 @@ def test_dead_worker_and_ctrl_c_leave_no_trial_running(tmp_path, ray_session, ca
     assert reason == "stopped by the ray executor: interrupted"
 
 
-def test_bad_ray_options_are_one_line_errors(tmp_path, capsys):
+def test_bad_ray_options_are_one_line_errors(tmp_path, ray_session, capsys):
     study_file = write_ray_study(tmp_path, "bad")
-    storage = f"sqlite:///{tmp_path}/lensnas.db"
-    assert main(["launch", str(study_file), "--storage", storage, "--executor", "ray",
-                 "--max-concurrent", "0"]) == 2
+    launch_args = ["launch", str(study_file), "--storage", f"sqlite:///{tmp_path}/lensnas.db"]
+    assert main([*launch_args, "--executor", "ray", "--max-concurrent", "0"]) == 2
     assert "--max-concurrent: must be at least 1" in capsys.readouterr().err
-    assert Path(tmp_path / "lensnas.db").exists()
+    # a trial that fits nowhere would wait for ever: the Ray of the tests has 2 CPUs
+    assert main([*launch_args, "--executor", "ray", "--cpus-per-trial", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "a trial needs 4 CPUs, this machine's Ray has 2 CPUs" in err
+    assert not load(f"sqlite:///{tmp_path}/lensnas.db", "bad").trials
