@@ -34,7 +34,7 @@ from search.study import (
 WAIT_SECONDS = 2.0
 
 
-def _claim(study: optuna.Study, n_trials: int, storage_url: str) -> optuna.Trial | None | bool:
+def claim_trial(study: optuna.Study, n_trials: int, storage_url: str) -> optuna.Trial | None | bool:
     """A new trial, False when the study is done, None when others run the last trials."""
     with claim_lock(storage_url):
         fail_abandoned_trials(study)
@@ -86,7 +86,7 @@ def run_local(
             if spec.timeout is not None and time.monotonic() - started > spec.timeout:
                 console.print(f"{spec.name}: timeout of {spec.timeout:g} s reached")
                 break
-            trial = _claim(study, spec.n_trials, storage_url)
+            trial = claim_trial(study, spec.n_trials, storage_url)
             if trial is False:
                 break
             if trial is None:
@@ -98,7 +98,7 @@ def run_local(
             def on_log(message: str, best: str = best) -> None:
                 progress.update(task, status=f"{best} | {message}")
 
-            frozen = _run_one(spec, study, objective, trial, device, artifact_root, on_log)
+            frozen = run_claimed_trial(spec, study, objective, trial, device, artifact_root, on_log)
             if frozen.state == TrialState.FAIL:
                 reason = frozen.user_attrs.get(FAIL_REASON, "see the log")
                 progress.console.print(f"[red]trial {frozen.number} failed:[/] {reason}", highlight=False)
@@ -110,7 +110,7 @@ def run_local(
     return failures
 
 
-def _run_one(
+def run_claimed_trial(
     spec: StudySpec, study: optuna.Study, objective: Any, trial: optuna.Trial,
     device: str, artifact_root: Path, on_log: Any,
 ) -> optuna.trial.FrozenTrial:

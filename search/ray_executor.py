@@ -46,9 +46,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.engine import make_url
 
-from search.local import WAIT_SECONDS
-from search.local import _claim as claim_trial
-from search.local import _run_one as run_claimed_trial
+from search.local import WAIT_SECONDS, claim_trial, run_claimed_trial
 from search.samplers import make_pruner, make_sampler
 from search.spec import SpecError, StudySpec
 from search.storage import open_storage, redact
