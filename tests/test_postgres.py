@@ -67,6 +67,17 @@ def test_ray_study_on_postgres_with_two_trials_at_a_time(
     assert main([*args, "--quiet"]) == 0  # done already: nothing runs
     assert len(load(postgres_url, name).trials) == 2
 
+    # what the other commands print or write never holds the password either
+    assert main(["status", name, "--storage", postgres_url]) == 0
+    assert main(["report", name, "--storage", postgres_url, "-o", str(tmp_path / "r.html")]) == 0
+    assert main(["export", name, "--storage", postgres_url, "--top", "1", "-o", str(tmp_path / "best")]) == 0
+    out, err = capsys.readouterr()
+    assert password not in out + err
+    assert password not in (tmp_path / "r.html").read_text()
+    for file in (tmp_path / "best").rglob("*"):
+        if file.suffix in (".md", ".json"):
+            assert password not in file.read_text()
+
 
 def test_wrong_postgres_password_is_one_line_without_it(postgres_url, tmp_path, capsys):
     wrong = make_url(postgres_url).set(password="not-the-password-42")
