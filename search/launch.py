@@ -53,6 +53,13 @@ def launch(
     if done < spec.n_trials:
         objective = spec.make_objective(cache_dir, progress=not quiet)
         objective.prepare()
+        stored_key = study.user_attrs.get("dataset_key")
+        if stored_key is not None and stored_key != objective.dataset_key:
+            raise SpecError(
+                f"{spec.path}: objective: the data settings differ from those of the stored study "
+                f"'{spec.name}' (dataset {stored_key}); trials would not be comparable: "
+                "restore them or use another study name"
+            )
         for key, value in objective.trial_attrs().items():
             study.set_user_attr(key, value)
         device = resolve_device(spec.device)

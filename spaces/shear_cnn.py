@@ -119,6 +119,20 @@ TRAINING_RULES = {
     "weight_decay": Range(0.0, 1.0),
 }
 
+# ShearNet's small CNN: conv 16 3x3 + avg-pool 2, conv 32 3x3 + avg-pool 2, dense 128, 2 outputs.
+SHEARNET_CNN = {
+    "kernel_size": 3,
+    "dilation": 1,
+    "pooling": "avg",
+    "depth": 2,
+    "width": 16,
+    "residual": False,
+    "normalization": "none",
+    "activation": "relu",
+    "head": "dense",
+    "dense_units": 128,
+}
+
 SHEAR_CNN = Family(
     name="shear_cnn",
     version=1,
@@ -137,40 +151,15 @@ SHEAR_CNN = Family(
         "loss": Choice(("mse", "l1", "huber")),
         **TRAINING_RULES,
     },
+    # The defaults are ShearNet's network, so a space that fixes nothing searches around it.
     defaults={
-        "kernel_size": 3,
-        "dilation": 1,
-        "pooling": "avg",
-        "depth": 2,
-        "width": 16,
-        "residual": False,
-        "normalization": "none",
-        "activation": "relu",
-        "head": "dense",
-        "dense_units": 128,
+        **SHEARNET_CNN,
         "loss": "mse",
         "learning_rate": 1e-3,
         "batch_size": 64,
         "epochs": 10,
         "weight_decay": 0.0,
     },
-    architecture_keys=(
-        "kernel_size", "dilation", "pooling", "depth", "width", "residual",
-        "normalization", "activation", "head", "dense_units",
-    ),
-    presets={
-        # ShearNet's small CNN: conv 16 3x3 + avg-pool 2, conv 32 3x3 + avg-pool 2, dense 128, 2 outputs.
-        "shearnet_cnn": {
-            "kernel_size": 3,
-            "dilation": 1,
-            "pooling": "avg",
-            "depth": 2,
-            "width": 16,
-            "residual": False,
-            "normalization": "none",
-            "activation": "relu",
-            "head": "dense",
-            "dense_units": 128,
-        },
-    },
+    architecture_keys=tuple(SHEARNET_CNN),
+    presets={"shearnet_cnn": SHEARNET_CNN},
 )

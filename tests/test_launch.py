@@ -140,3 +140,13 @@ def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
     assert main(["launch", str(study_file), "--storage", storage, "--seed", "99", "--n-trials", "2"]) == 2
     assert "study.seed: the stored study 'tiny' uses seed 3" in capsys.readouterr().err
     assert len(_load(storage).trials) == 1
+
+
+def test_resuming_with_other_data_settings_is_refused(tmp_path, capsys):
+    study_file = write_tiny_shear_study(tmp_path, n_trials=1, objective_extra='reference = "none"')
+    storage = f"sqlite:///{tmp_path}/s.db"
+    assert main(["launch", str(study_file), "--storage", storage, "--quiet"]) == 0
+    study_file.write_text(study_file.read_text().replace("n_train = 160", "n_train = 170"))
+    assert main(["launch", str(study_file), "--storage", storage, "--n-trials", "2", "--quiet"]) == 2
+    assert "objective: the data settings differ" in capsys.readouterr().err
+    assert len(_load(storage).trials) == 1

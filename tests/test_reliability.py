@@ -119,3 +119,41 @@ def test_two_launchers_share_one_sqlite_study(tmp_path):
     assert sorted(t.number for t in trials) == list(range(n_trials))
     workers = {t.user_attrs["worker"] for t in trials[1:]}
     assert len(workers) == 2  # both launchers ran trials
+
+
+def test_killed_ray_driver_leaves_nothing_running(tmp_path):
+    from tests.ray_fixtures import write_ray_study
+
+    n_trials = 6
+    study_file = write_ray_study(tmp_path, "raykill", n_trials=n_trials, epochs=30)
+    storage = f"sqlite:///{tmp_path}/lensnas.db"
+    ray_command = _launch_command(study_file, storage) + ["--executor", "ray", "--max-concurrent", "2"]
+    kills = 0
+    for _ in range(3):
+        before = {t.number: (t.params, t.values) for t in _trials(storage, "raykill")
+                  if t.state == TrialState.COMPLETE}
+        driver = subprocess.Popen(ray_command, cwd=tmp_path, env=_env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while time.time() < deadline and driver.poll() is None:
+            if any(t.state == TrialState.RUNNING for t in _trials(storage, "raykill")):
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # mid-trial
+        if driver.poll() is None:
+            driver.send_signal(signal.SIGKILL)
+            kills += 1
+        driver.wait(30)
+        after = {t.number: t for t in _trials(storage, "raykill")}
+        assert all(after[n].state == TrialState.COMPLETE and (after[n].params, after[n].values) == record
+                   for n, record in before.items())
+    assert kills == 3
+    text = study_file.read_text().replace("epochs = 30", "epochs = 1")
+    study_file.write_text(text)  # finish quickly with the local executor
+    finished = subprocess.run(_launch_command(study_file, storage), check=False, cwd=tmp_path,
+                              env=_env(), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    states = [t.state for t in _trials(storage, "raykill")]
+    assert TrialState.RUNNING not in states
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == n_trials
+    assert states.count(TrialState.FAIL) >= 3  # the trials running at each kill
