@@ -97,6 +97,17 @@ class ReferenceResult:
         return np.stack([self.g1, self.g2], axis=1)
 
     @property
+    def g_per_object_response(self) -> np.ndarray | None:
+        """Metacal estimates calibrated by each object's own response, ``R_i^-1 e_i`` (N, 2);
+        None for estimators without a response. Per-galaxy errors of the mean-response
+        estimates include the spread of R across sizes; these do not."""
+        if self.e is None or self.R is None:
+            return None
+        g = np.full_like(self.e, np.nan)
+        g[self.ok] = np.linalg.solve(self.R[self.ok], self.e[self.ok][..., None])[..., 0]
+        return g
+
+    @property
     def galaxies_per_core_second(self) -> float:
         """Throughput per CPU core: objects over the CPU seconds the measurement used."""
         return self.n / self.core_seconds if self.core_seconds > 0 else float("nan")

@@ -25,7 +25,7 @@ from objectives.shear_data import (
     simulate,
     simulation_config,
 )
-from objectives.shear_metrics import shear_metrics
+from objectives.shear_metrics import rmse, shear_metrics
 from objectives.training import (
     REGRESSION_LOSSES,
     parameter_count,
@@ -40,7 +40,7 @@ logger = logging.getLogger("lensnas.shear")
 
 SIMULATION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GalaxySimulation)}
 REFERENCES = ("none", "metacal", "hsm", "ngmix")
-RELATIVE_METRICS = ("rmse_ratio", "abs_m_diff")
+RELATIVE_METRICS = ("rmse_ratio", "rmse_ratio_object", "abs_m_diff")
 
 
 class StampInputs:
@@ -81,13 +81,14 @@ class ShearObjective:
         "abs_m": "minimize",
         "abs_c": "minimize",
         "rmse_ratio": "minimize",
+        "rmse_ratio_object": "minimize",
         "abs_m_diff": "minimize",
         "best_val_loss": "minimize",
         "n_params": "minimize",
         "train_seconds": "minimize",
     }
     DEFAULT_METRIC = "rmse"
-    SUMMARY = ("rmse", "m1", "m2", "c1", "c2", "rmse_ratio")
+    SUMMARY = ("rmse", "m1", "m2", "c1", "c2", "rmse_ratio", "rmse_ratio_object")
 
     def __init__(
         self,
@@ -176,6 +177,9 @@ class ShearObjective:
         ok = results[0].ok & results[1].ok
         metrics = shear_metrics(results[0].g[ok], self.data["test.labels"][ok], results[1].g[ok], prefix="ref_")
         metrics["ref_n_failed"] = float(np.count_nonzero(~ok))
+        per_object = results[0].g_per_object_response
+        if per_object is not None:
+            metrics["ref_object_rmse"] = rmse(per_object[ok], self.data["test.labels"][ok])[2]
         metrics["ref_galaxies_per_core_second"] = results[0].galaxies_per_core_second
         self.reference_estimate = results[0].g
         return metrics
@@ -242,6 +246,8 @@ class ShearObjective:
         if self.reference_metrics:
             metrics.update(self.reference_metrics)
             metrics["rmse_ratio"] = metrics["rmse"] / metrics["ref_rmse"]
+            if "ref_object_rmse" in metrics:
+                metrics["rmse_ratio_object"] = metrics["rmse"] / metrics["ref_object_rmse"]
             metrics["abs_m_diff"] = metrics["abs_m"] - metrics["ref_abs_m"]
         self._save(result.model, params, ctx)
         shear_residual_figure(

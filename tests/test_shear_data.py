@@ -78,3 +78,15 @@ def test_dataset_is_cached_and_a_corrupt_cache_is_rebuilt(tmp_path, caplog):
         third.prepare()
     assert third.cache_hit is False and "checksum mismatch" in caplog.text
     np.testing.assert_array_equal(original, third.data["train.images"])
+
+
+def test_reference_rmse_with_mean_and_per_object_response(tmp_path):
+    # a spread of sizes spreads the metacal response: the mean response then misestimates each
+    # galaxy's shear, the object's own response does not
+    options = {"n_train": 8, "n_validation": 4, "n_test": 150, "stamp_size": 33,
+               "half_light_radius_min": 0.3, "half_light_radius_max": 0.8}
+    objective = ShearObjective(options, {}, seed=2, cache_dir=tmp_path, progress=False)
+    objective.prepare()
+    metrics = objective.reference_metrics
+    assert metrics["ref_n_failed"] == 0
+    assert metrics["ref_object_rmse"] < 2e-3 < metrics["ref_rmse"]
