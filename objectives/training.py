@@ -105,7 +105,7 @@ def train_model(
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(_tensor(train_x, index, device)), _tensor(train_y, index, device))
             if not torch.isfinite(loss):
-                raise TrialFailed(f"non-finite training loss ({float(loss)}) at epoch {epoch}")
+                raise TrialFailed(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}")
             loss.backward()
             optimizer.step()
         val_loss = evaluate_loss(model, loss_fn, val_x, val_y, batch_size, device)
