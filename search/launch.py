@@ -41,6 +41,12 @@ def launch(
     """
     if executor not in EXECUTORS:
         raise SpecError(f"--executor: unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if max_failures < 0:
+        raise SpecError(f"--max-failures: must be 0 (never stop) or more, got {max_failures}")
+    if executor == "ray":
+        from search.ray_executor import check_ray_options
+
+        check_ray_options(**executor_options)  # before anything runs, even on a finished study
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec)
     spec = spec.with_overrides(n_trials=n_trials, seed=seed)

@@ -172,6 +172,20 @@ def ray_trial(config: dict[str, Any], job: RayJob) -> None:
     })
 
 
+def check_ray_options(
+    gpus_per_trial: float = 0.0, cpus_per_trial: float = 1.0, max_concurrent: int | None = None,
+    address: str | None = None,
+) -> None:
+    """Raise SpecError for resources no trial can have."""
+    if gpus_per_trial < 0 or cpus_per_trial <= 0:
+        raise SpecError(
+            "--gpus-per-trial must be >= 0 and --cpus-per-trial > 0, "
+            f"got {gpus_per_trial:g} and {cpus_per_trial:g}"
+        )
+    if max_concurrent is not None and max_concurrent < 1:
+        raise SpecError(f"--max-concurrent: must be at least 1, got {max_concurrent}")
+
+
 def run_ray(
     spec: StudySpec,
     study: optuna.Study,
@@ -195,13 +209,7 @@ def run_ray(
     the cluster has one, else the CPU (said once). ``max_failures`` consecutive failures start no
     new trial. Ctrl+C stops the trials, fails the running ones and raises KeyboardInterrupt.
     """
-    if gpus_per_trial < 0 or cpus_per_trial <= 0:
-        raise SpecError(
-            "--gpus-per-trial must be >= 0 and --cpus-per-trial > 0, "
-            f"got {gpus_per_trial:g} and {cpus_per_trial:g}"
-        )
-    if max_concurrent is not None and max_concurrent < 1:
-        raise SpecError(f"--max-concurrent: must be at least 1, got {max_concurrent}")
+    check_ray_options(gpus_per_trial, cpus_per_trial, max_concurrent)
     run = RayRun(max_failures)
     if finished_count(study) >= spec.n_trials:
         return run

@@ -150,3 +150,14 @@ def test_resuming_with_other_data_settings_is_refused(tmp_path, capsys):
     assert main(["launch", str(study_file), "--storage", storage, "--n-trials", "2", "--quiet"]) == 2
     assert "objective: the data settings differ" in capsys.readouterr().err
     assert len(_load(storage).trials) == 1
+
+
+def test_bad_executor_options_are_refused_even_when_nothing_is_left_to_run(tmp_path, capsys):
+    study_file = write_tiny_shear_study(tmp_path, n_trials=1, objective_extra='reference = "none"')
+    storage = f"sqlite:///{tmp_path}/s.db"
+    assert main(["launch", str(study_file), "--storage", storage, "--quiet"]) == 0
+    assert main(["launch", str(study_file), "--storage", storage, "--max-failures", "-1"]) == 2
+    assert "--max-failures: must be 0" in capsys.readouterr().err
+    args = ["launch", str(study_file), "--storage", storage, "--executor", "ray"]
+    assert main([*args, "--gpus-per-trial", "-1"]) == 2
+    assert "--gpus-per-trial must be >= 0" in capsys.readouterr().err
