@@ -20,7 +20,7 @@ from rich.table import Table
 
 from objectives import ngmix_backend
 from objectives.reference import cpu_count, is_available, measure
-from objectives.shear_data import GalaxySimulation, simulate_split
+from objectives.shear_data import metacal_benchmark_simulation, simulate_split
 from objectives.shear_metrics import linear_bias, rmse
 
 ESTIMATORS = (
@@ -32,27 +32,11 @@ ESTIMATORS = (
 )
 
 
-def benchmark_simulation(noise_sigma: float = 1e-5) -> GalaxySimulation:
-    """The benchmark galaxies: round exponential hlr 0.5", Moffat FWHM 0.9", 0.2"/pixel."""
-    return GalaxySimulation(
-        stamp_size=53,
-        pixel_scale=0.2,
-        profile="exponential",
-        half_light_radius_min=0.5,
-        half_light_radius_max=0.5,
-        shear_max=0.1,
-        psf_profile="moffat",
-        psf_beta=2.5,
-        psf_fwhm=0.9,
-        noise_sigma=noise_sigma,
-    )
-
-
 def run(
     count: int, noise_sigma: float, workers: int, seed: int, progress: bool = True
 ) -> list[dict]:
     """Measure every available estimator on the same ``count`` galaxies; one dict per estimator."""
-    simulation = benchmark_simulation(noise_sigma)
+    simulation = metacal_benchmark_simulation(noise_sigma)
     data = simulate_split(simulation, np.random.SeedSequence(seed), count)
     psf = simulation.psf_image()
     rows = []

@@ -78,6 +78,23 @@ class GalaxySimulation:
         return galsim.Exponential(half_light_radius=half_light_radius, flux=flux)
 
 
+def metacal_benchmark_simulation(noise_sigma: float = 1e-5, stamp_size: int = 53) -> GalaxySimulation:
+    """The galaxies the reference numbers were measured on (NGMix 2.4.2): round exponential,
+    half-light radius 0.5", Moffat PSF (beta 2.5, FWHM 0.9"), 0.2"/pixel, |g| <= 0.1."""
+    return GalaxySimulation(
+        stamp_size=stamp_size,
+        pixel_scale=0.2,
+        profile="exponential",
+        half_light_radius_min=0.5,
+        half_light_radius_max=0.5,
+        shear_max=0.1,
+        psf_profile="moffat",
+        psf_beta=2.5,
+        psf_fwhm=0.9,
+        noise_sigma=noise_sigma,
+    )
+
+
 def draw_population(
     simulation: GalaxySimulation, rng: np.random.Generator, count: int
 ) -> dict[str, np.ndarray]:

@@ -12,6 +12,8 @@ scikit-image is not needed at run time (tests check agreement with it).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,18 @@ def psnr_per_image(truth: np.ndarray, estimate: np.ndarray) -> np.ndarray:
     return 10.0 * np.log10(DATA_RANGE**2 / mse)
 
 
+def _ssim_map(smooth: Any, truth: Any, estimate: Any) -> Any:
+    """The SSIM map from local moments; ``smooth`` is the Gaussian window (numpy or torch)."""
+    mu_x, mu_y = smooth(truth), smooth(estimate)
+    var_x = smooth(truth * truth) - mu_x * mu_x
+    var_y = smooth(estimate * estimate) - mu_y * mu_y
+    cov_xy = smooth(truth * estimate) - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
+    return ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+
+
 def ssim_per_image(truth: np.ndarray, estimate: np.ndarray) -> np.ndarray:
     """Mean SSIM of each image with scikit-image's Gaussian-window convention, shape (N,)."""
     truth, estimate = _pair(truth, estimate)
@@ -73,16 +87,8 @@ def ssim_per_image(truth: np.ndarray, estimate: np.ndarray) -> np.ndarray:
             image, sigma=(0, SSIM_SIGMA, SSIM_SIGMA), truncate=SSIM_TRUNCATE, mode="reflect"
         )
 
-    mu_x, mu_y = smooth(truth), smooth(estimate)
-    var_x = smooth(truth * truth) - mu_x * mu_x
-    var_y = smooth(estimate * estimate) - mu_y * mu_y
-    cov_xy = smooth(truth * estimate) - mu_x * mu_y
-    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
-        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
-    )
     r = SSIM_RADIUS
-    return ssim_map[:, r:-r, r:-r].mean(axis=(1, 2))
+    return _ssim_map(smooth, truth, estimate)[:, r:-r, r:-r].mean(axis=(1, 2))
 
 
 def mse(truth: np.ndarray, estimate: np.ndarray) -> float:
@@ -142,15 +148,7 @@ def torch_ssim(truth: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
         # A "valid" convolution gives exactly the border-cropped map scikit-image averages.
         return F.conv2d(F.conv2d(image, rows, groups=channels), columns, groups=channels)
 
-    mu_x, mu_y = smooth(truth), smooth(estimate)
-    var_x = smooth(truth * truth) - mu_x * mu_x
-    var_y = smooth(estimate * estimate) - mu_y * mu_y
-    cov_xy = smooth(truth * estimate) - mu_x * mu_y
-    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
-        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
-    )
-    return ssim_map.mean()
+    return _ssim_map(smooth, truth, estimate).mean()
 
 
 class CharbonnierLoss(nn.Module):

@@ -167,15 +167,16 @@ def _quiet_plot(
     ]
 
 
-def _history_section(study: optuna.Study, complete: list[FrozenTrial]) -> str:
+def _plot_per_target(
+    study: optuna.Study, complete: list[FrozenTrial], plot: Any, slug: str
+) -> str:
+    """One figure of ``plot`` per objective of the study (or a note when nothing completed)."""
     if not complete:
         return _note("No completed trial yet.")
     parts = []
     for i, (target, name) in enumerate(_targets(study)):
-        figure, _ = _quiet_plot(
-            optuna.visualization.plot_optimization_history, study, target=target, target_name=name
-        )
-        parts.append(_figure_html(figure, f"optimization-history-{i}"))
+        figure, _ = _quiet_plot(plot, study, target=target, target_name=name)
+        parts.append(_figure_html(figure, f"{slug}-{i}"))
     return "\n".join(parts)
 
 
@@ -208,18 +209,6 @@ def _importance_section(study: optuna.Study, complete: list[FrozenTrial]) -> str
             )
             continue
         parts.append(_figure_html(figure, f"param-importances-{i}"))
-    return "\n".join(parts)
-
-
-def _parallel_section(study: optuna.Study, complete: list[FrozenTrial]) -> str:
-    if not complete:
-        return _note("No completed trial yet.")
-    parts = []
-    for i, (target, name) in enumerate(_targets(study)):
-        figure, _ = _quiet_plot(
-            optuna.visualization.plot_parallel_coordinate, study, target=target, target_name=name
-        )
-        parts.append(_figure_html(figure, f"parallel-coordinates-{i}"))
     return "\n".join(parts)
 
 
@@ -397,12 +386,17 @@ def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
             f"Top {len(top)} trials",
             _trials_table(study, top) if top else _note("No completed trial yet."),
         ),
-        _section("optimization-history", "Optimisation history", _history_section(study, complete)),
+        _section("optimization-history", "Optimisation history", _plot_per_target(
+            study, complete, optuna.visualization.plot_optimization_history, "optimization-history"
+        )),
         _section(
             "param-importances", "Parameter importances", _importance_section(study, complete)
         ),
         _section(
-            "parallel-coordinates", "Parallel coordinates", _parallel_section(study, complete)
+            "parallel-coordinates", "Parallel coordinates", _plot_per_target(
+                study, complete, optuna.visualization.plot_parallel_coordinate,
+                "parallel-coordinates",
+            )
         ),
         _section(
             "intermediate-values",

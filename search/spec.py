@@ -117,9 +117,8 @@ def spec_from_dict(raw: Any, path: str | Path) -> StudySpec:
 
 
 def _expect(key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
-    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise SpaceError(key, f"must be {what}, got {value!r}")
-    if not isinstance(value, kind):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise SpaceError(key, f"must be {what}, got {value!r}")
     return value
 

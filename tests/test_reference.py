@@ -25,7 +25,7 @@ from objectives.reference import (
     measure,
     reference_config,
 )
-from objectives.shear_data import GalaxySimulation, simulate_split
+from objectives.shear_data import metacal_benchmark_simulation, simulate_split
 from objectives.shear_metrics import linear_bias, rmse
 from search.baseline import baseline_rows, print_baseline
 
@@ -33,23 +33,9 @@ NGMIX_RMSE = 4.7e-4
 COUNT = 600
 
 
-def reference_simulation(noise_sigma: float = 1e-5, stamp_size: int = 53) -> GalaxySimulation:
-    return GalaxySimulation(
-        stamp_size=stamp_size,
-        pixel_scale=0.2,
-        half_light_radius_min=0.5,
-        half_light_radius_max=0.5,
-        shear_max=0.1,
-        psf_profile="moffat",
-        psf_beta=2.5,
-        psf_fwhm=0.9,
-        noise_sigma=noise_sigma,
-    )
-
-
 @pytest.fixture(scope="module")
 def galaxies():
-    simulation = reference_simulation()
+    simulation = metacal_benchmark_simulation()
     data = simulate_split(simulation, np.random.SeedSequence(2024), COUNT)
     return simulation, data
 
@@ -64,7 +50,7 @@ def metacal_result(galaxies):
 @pytest.mark.parametrize("psf", ["dilate", "fitgauss", "gauss"])
 def test_metacal_images_match_galsim_drawing(stamp_size, psf):
     """The k-space shortcut gives GalSim's own deconvolve-shear-reconvolve drawing."""
-    simulation = reference_simulation(stamp_size=stamp_size)
+    simulation = metacal_benchmark_simulation(stamp_size=stamp_size)
     image = simulate_split(simulation, np.random.SeedSequence(1), 1)["images"][0]
     psf_image = simulation.psf_image()
     kernel = MetacalKernel(psf_image, 0.2, stamp_size, step=0.01, psf=psf)
@@ -138,7 +124,7 @@ def test_ngmix_missing_says_how_to_install():
 
 def test_parallel_chunks_give_the_same_result_as_one_process():
     """Noise correction draws its noise per object, so chunking and workers do not matter."""
-    simulation = reference_simulation(noise_sigma=1e-3, stamp_size=33)
+    simulation = metacal_benchmark_simulation(noise_sigma=1e-3, stamp_size=33)
     data = simulate_split(simulation, np.random.SeedSequence(5), 24)
     psf = simulation.psf_image()
     assert resolve_fix_noise(None, 1e-3) and not resolve_fix_noise(None, 1e-5)
@@ -156,7 +142,7 @@ def test_parallel_chunks_give_the_same_result_as_one_process():
 
 
 def test_failed_objects_are_flagged_not_dropped():
-    simulation = reference_simulation(stamp_size=33)
+    simulation = metacal_benchmark_simulation(stamp_size=33)
     images = simulate_split(simulation, np.random.SeedSequence(9), 8)["images"].copy()
     images[3] = 0.0  # nothing to measure
     psf = simulation.psf_image()
@@ -170,7 +156,7 @@ def test_failed_objects_are_flagged_not_dropped():
 
 
 def test_cache_hit_and_corrupted_entry_recomputed(tmp_path, caplog):
-    simulation = reference_simulation(stamp_size=33)
+    simulation = metacal_benchmark_simulation(stamp_size=33)
     images = simulate_split(simulation, np.random.SeedSequence(3), 12)["images"]
     psf = simulation.psf_image()
     args = ("metacal", images, psf, 0.2, 1e-5)
@@ -224,7 +210,7 @@ def test_distortion_to_shear():
 
 
 def test_baseline_rows_and_table(tmp_path):
-    simulation = reference_simulation(stamp_size=33)
+    simulation = metacal_benchmark_simulation(stamp_size=33)
     rows = baseline_rows(simulation, 40, 7, [1e-5, 1e-3], tmp_path, progress=False)
     names = [row["estimator"] for row in rows]
     assert names[:3] == ["metacal", "hsm REGAUSS", "hsm KSB"]
