@@ -16,6 +16,7 @@ import optuna
 from search.spec import SpecError
 from search.storage import StorageError, default_storage_url, open_storage, redact
 
+EXIT_STOPPED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -75,17 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from search.launch import launch
+    from search.launch import LaunchStopped, launch
 
-    launch(
-        args.study_file, args.storage, n_trials=args.n_trials, seed=args.seed, quiet=args.quiet,
-        cache_dir=args.cache_dir, max_failures=args.max_failures, executor=args.executor,
-        **(
-            {"gpus_per_trial": args.gpus_per_trial, "cpus_per_trial": args.cpus_per_trial,
-             "max_concurrent": args.max_concurrent, "address": args.address}
-            if args.executor == "ray" else {}
-        ),
-    )
+    try:
+        launch(
+            args.study_file, args.storage, n_trials=args.n_trials, seed=args.seed, quiet=args.quiet,
+            cache_dir=args.cache_dir, max_failures=args.max_failures, executor=args.executor,
+            **(
+                {"gpus_per_trial": args.gpus_per_trial, "cpus_per_trial": args.cpus_per_trial,
+                 "max_concurrent": args.max_concurrent, "address": args.address}
+                if args.executor == "ray" else {}
+            ),
+        )
+    except LaunchStopped as stopped:
+        print(f"lensnas launch: {stopped}", file=sys.stderr)
+        return EXIT_STOPPED
     return 0
 
 

@@ -20,6 +20,10 @@ logger = logging.getLogger("lensnas")
 EXECUTORS = ("local", "ray")
 
 
+class LaunchStopped(Exception):
+    """The launch stopped before the study was done: too many consecutive failed trials."""
+
+
 def launch(
     spec: StudySpec | str | Path,
     storage: str | None = None,
@@ -55,6 +59,7 @@ def launch(
     study = open_study(spec, open_storage(url))
     fail_abandoned_trials(study)
     done = finished_count(study)
+    stopped_reason = None
     console.print(f"study [bold]{spec.name}[/] in {redact(url)}: {done}/{spec.n_trials} trials finished")
     if done < spec.n_trials:
         objective = spec.make_objective(cache_dir, progress=not quiet)
@@ -79,8 +84,9 @@ def launch(
             failures = run_ray(spec, study, objective, storage_url=url, **common, **executor_options)
         else:
             failures = run_local(spec, study, objective, storage_url=url, **common)
-        if failures.stopped_reason:
-            console.print(f"[red]{spec.name}: {failures.stopped_reason}")
+        stopped_reason = failures.stopped_reason
     if not quiet:
         print_best(study, output_console())
+    if stopped_reason:
+        raise LaunchStopped(f"{spec.name}: {stopped_reason}")
     return study

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -72,6 +74,7 @@ class RayJob:
     artifact_root: Path
     threads: int
     first_trial: int
+    working_dir: Path  # the launcher's: relative paths of the study (a SQLite file, a data folder)
 
     def sampler_seed(self, index: int) -> int:
         """A distinct sampler seed per Ray trial: workers must not draw the same random params."""
@@ -146,6 +149,15 @@ def ray_trial(config: dict[str, Any], job: RayJob) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     torch.set_num_threads(job.threads)
+    # Workers of a cluster joined with --address start elsewhere; relative paths of the study
+    # must mean what they mean to the launcher.
+    try:
+        os.chdir(job.working_dir)
+    except OSError as error:
+        raise RuntimeError(
+            f"the launcher's working directory {job.working_dir} is not on this node ({error.strerror}): "
+            "use absolute paths on a shared file system and a shared storage such as PostgreSQL"
+        ) from None
     spec = job.spec
     objective = _prepared_objective(job)
     study = optuna.load_study(
@@ -239,6 +251,7 @@ def run_ray(
             objective_class=type(objective), cache_dir=_cache_dir(objective),
             device=worker_device, artifact_root=Path(artifact_root).resolve(),
             threads=max(1, int(cpus_per_trial)), first_trial=len(study.trials),
+            working_dir=Path.cwd(),
         )
         trainable = tune.with_resources(
             tune.with_parameters(ray_trial, job=job), {"cpu": cpus_per_trial, "gpu": gpus}
@@ -367,14 +380,45 @@ def _ray_session(address: str | None) -> Iterator[str]:
     if address is None:
         options["include_dashboard"] = False
     try:
-        ray.init(address=address, **options)
+        # Only when joining: processes a local Ray starts would inherit the redirected stderr.
+        catch = _stderr_of_ray_core() if address else contextlib.nullcontext(io.StringIO())
+        with catch as ray_messages:
+            ray.init(address=address, **options)
     except ConnectionError as error:
         reason = str(error).strip().splitlines()[0]
+        if "InvalidAuthToken" in ray_messages.getvalue():
+            reason += (
+                "; the cluster uses token authentication and this launcher has no valid token: "
+                "set RAY_AUTH_MODE=token and the cluster's token (~/.ray/auth_token or $RAY_AUTH_TOKEN)"
+            )
         raise SpecError(f"--address {address}: cannot join the Ray cluster ({reason})") from None
     try:
         yield "started a local Ray" if address is None else f"joined the Ray cluster at {address}"
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _stderr_of_ray_core() -> Iterator[io.StringIO]:
+    """Catch what Ray's C++ core writes to file descriptor 2 while inside (a connection failure
+    repeats a warning every second); shown again afterwards unless the block raised."""
+    caught = io.StringIO()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+", errors="replace") as capture:
+        os.dup2(capture.fileno(), 2)
+        raised = True
+        try:
+            yield caught
+            raised = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            caught.write(capture.read())
+    if not raised:
+        sys.stderr.write(caught.getvalue())
 
 
 @contextlib.contextmanager
@@ -402,6 +446,8 @@ def _trial_error(trial: Any) -> str:
     if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
         with open(trial.pickled_error_file, "rb") as handle:
             error = ray.cloudpickle.load(handle)
+        while getattr(error, "cause", None) is not None:  # RayTaskError wraps the trial's own error
+            error = error.cause
         text = f"{type(error).__name__}: {error}"
     elif trial.error_file and os.path.exists(trial.error_file):
         text = Path(trial.error_file).read_text()

@@ -108,7 +108,7 @@ def test_failing_trials_are_recorded_and_stop_the_launch(tmp_path, capsys):
     text = text.replace("choices = [16, 128]", "choices = [1024]").replace('presets = ["shearnet_cnn"]', "")
     study_file.write_text(text)
     storage = f"sqlite:///{tmp_path}/s.db"
-    assert main(["launch", str(study_file), "--storage", storage, "--max-failures", "2"]) == 0
+    assert main(["launch", str(study_file), "--storage", storage, "--max-failures", "2"]) == 1
     err = capsys.readouterr().err
     assert "stopped after 2 consecutive failed trials" in err
     trials = optuna.load_study(study_name="tiny", storage=storage).trials

@@ -1,0 +1,98 @@
+"""Joining a running Ray cluster (``ray start --head``) with ``--address``, as on a real cluster:
+workers start elsewhere than the launcher, and Ray >= 2.59 clusters use token authentication."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from tests.ray_fixtures import load, write_ray_study
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A one-node Ray cluster with token authentication, in its own process group;
+    yields its address and the environment a client needs."""
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    temp_dir = tmp_path_factory.mktemp("ray")
+    head = subprocess.Popen(
+        [shutil.which("ray") or "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        cwd=temp_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.time() < deadline, "the Ray head did not open its port"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        # SIGTERM makes `ray start --block` wait ~30 s for its processes: kill them instead, the
+        # whole process group and anything of this node (its paths are under temp_dir) that left it.
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(temp_dir).encode() in cmdline.read_bytes():
+                    os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass  # gone meanwhile
+
+
+def _launch(folder: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "search.cli", "launch", *args]
+    env = {**env, "PYTHONPATH": str(REPOSITORY)}
+    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=400,
+                          check=False)
+
+
+def test_launch_joins_a_running_cluster_with_relative_paths(tmp_path, ray_cluster):
+    address, env = ray_cluster
+    write_ray_study(tmp_path, "joined", n_trials=3)
+    # a relative SQLite file and cache folder: the cluster's workers start in another directory
+    result = _launch(tmp_path, env, "joined.toml", "--storage", "sqlite:///lensnas.db",
+                     "--cache-dir", "cache", "--executor", "ray", "--address", address,
+                     "--max-concurrent", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"joined the Ray cluster at {address}" in result.stderr
+    trials = load(f"sqlite:///{tmp_path}/lensnas.db", "joined").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, [t.user_attrs for t in trials]
+    assert {t.user_attrs["executor"] for t in trials} == {"ray"}
+
+
+def test_joining_without_the_token_is_one_line_that_says_how(tmp_path, ray_cluster):
+    address, env = ray_cluster
+    env = {key: value for key, value in env.items() if not key.startswith("RAY_AUTH")}
+    write_ray_study(tmp_path, "refused", n_trials=1)
+    result = _launch(tmp_path, env, "refused.toml", "--storage", f"sqlite:///{tmp_path}/s.db",
+                     "--executor", "ray", "--address", address)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lensnas")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert f"--address {address}: cannot join the Ray cluster" in errors[0]
+    assert "RAY_AUTH_MODE=token" in errors[0]
