@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (fractions allowed)")
     ray.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial")
     ray.add_argument("--max-concurrent", type=int, default=None, help="trials running at once")
-    ray.add_argument("--address", default=None, help="Ray cluster to join ('auto' for a running one)")
+    ray.add_argument(
+        "--address", default=os.environ.get("RAY_ADDRESS") or None,
+        help="Ray cluster to join: host:port, or 'auto' for the one running here "
+             "(default: $RAY_ADDRESS; unset: a new local Ray)",
+    )
 
     status = commands.add_parser("status", help="table of the trials of a study")
     status.add_argument("study_name")

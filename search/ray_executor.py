@@ -383,7 +383,8 @@ def _ray_session(address: str | None) -> Iterator[str]:
         # Only when joining: processes a local Ray starts would inherit the redirected stderr.
         catch = _stderr_of_ray_core() if address else contextlib.nullcontext(io.StringIO())
         with catch as ray_messages:
-            ray.init(address=address, **options)
+            # "local": a new Ray even where `ray start` runs one (joining is what --address is for)
+            ray.init(address=address or "local", **options)
     except ConnectionError as error:
         reason = str(error).strip().splitlines()[0]
         if "InvalidAuthToken" in ray_messages.getvalue():

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from tests.ray_fixtures import load, write_ray_study
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+CLUSTER_CPUS = 3  # tells the cluster from a local Ray of this machine in what launch prints
 
 
 def _free_port() -> int:
@@ -36,7 +37,7 @@ def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     temp_dir = tmp_path_factory.mktemp("ray")
     head = subprocess.Popen(
-        [shutil.which("ray") or "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+        [shutil.which("ray") or "ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={CLUSTER_CPUS}",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         cwd=temp_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -79,7 +80,7 @@ def test_launch_joins_a_running_cluster_with_relative_paths(tmp_path, ray_cluste
                      "--cache-dir", "cache", "--executor", "ray", "--address", address,
                      "--max-concurrent", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"joined the Ray cluster at {address}" in result.stderr
+    assert f"joined the Ray cluster at {address} with {CLUSTER_CPUS} CPUs" in result.stderr
     trials = load(f"sqlite:///{tmp_path}/lensnas.db", "joined").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, [t.user_attrs for t in trials]
     assert {t.user_attrs["executor"] for t in trials} == {"ray"}
@@ -96,3 +97,13 @@ def test_joining_without_the_token_is_one_line_that_says_how(tmp_path, ray_clust
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert f"--address {address}: cannot join the Ray cluster" in errors[0]
     assert "RAY_AUTH_MODE=token" in errors[0]
+
+
+def test_ray_address_in_the_environment_joins_like_the_flag(tmp_path, ray_cluster):
+    address, env = ray_cluster
+    write_ray_study(tmp_path, "from-env", n_trials=1)
+    result = _launch(tmp_path, {**env, "RAY_ADDRESS": address}, "from-env.toml",
+                     "--storage", "sqlite:///lensnas.db", "--executor", "ray")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"joined the Ray cluster at {address} with {CLUSTER_CPUS} CPUs" in result.stderr
+    assert load(f"sqlite:///{tmp_path}/lensnas.db", "from-env").trials[0].state == TrialState.COMPLETE
