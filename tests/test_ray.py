@@ -116,7 +116,8 @@ def _finished(storage: str, number: int) -> optuna.trial.FrozenTrial | None:
 
 
 def test_dead_worker_and_ctrl_c_leave_no_trial_running(tmp_path, ray_session, capsys):
-    study_file = write_ray_study(tmp_path, "stop", n_trials=4, epochs=200)
+    # epochs: the survivor must still be training when Ctrl+C comes, however slow the death
+    study_file = write_ray_study(tmp_path, "stop", n_trials=4, epochs=3000)
     storage = f"sqlite:///{tmp_path}/lensnas.db"
     open_study(load_spec(study_file), open_storage(storage))  # before the watcher reads it
     seen: dict[str, object] = {}
