@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,12 +31,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
     """A one-node Ray cluster with token authentication, in its own process group;
     yields its address and the environment a client needs."""
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    temp_dir = tmp_path_factory.mktemp("ray")
+    # short: Ray's socket paths under it must stay within the 107 bytes of a Unix socket name
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-cluster-"))
     head = subprocess.Popen(
         [shutil.which("ray") or "ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={CLUSTER_CPUS}",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
@@ -63,6 +65,7 @@ def ray_cluster(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
                     os.kill(int(cmdline.parent.name), signal.SIGKILL)
             except (OSError, ValueError):
                 pass  # gone meanwhile
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _launch(folder: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
