@@ -92,6 +92,7 @@ def test_launch_joins_a_running_cluster_with_relative_paths(tmp_path, ray_cluste
 def test_joining_without_the_token_is_one_line_that_says_how(tmp_path, ray_cluster):
     address, env = ray_cluster
     env = {key: value for key, value in env.items() if not key.startswith("RAY_AUTH")}
+    env["RAY_gcs_server_port_wait_time_s"] = "3"  # Ray's own retries, 20 s by default
     write_ray_study(tmp_path, "refused", n_trials=1)
     result = _launch(tmp_path, env, "refused.toml", "--storage", f"sqlite:///{tmp_path}/s.db",
                      "--executor", "ray", "--address", address)
