@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -18,7 +20,7 @@ from objectives.base import LocalContext, TrialFailed
 from objectives.training import train_model
 from search import launch
 from search.cli import main
-from tests.conftest import write_tiny_shear_study
+from tests.conftest import in_ci, write_tiny_shear_study
 
 METRIC_KEYS = {"rmse", "rmse_g1", "rmse_g2", "m1", "m1_err", "m2", "m2_err", "c1", "c1_err",
                "c2", "c2_err", "linear_m1", "paired_m1", "n_params", "train_seconds"}
@@ -161,3 +163,17 @@ def test_bad_executor_options_are_refused_even_when_nothing_is_left_to_run(tmp_p
     args = ["launch", str(study_file), "--storage", storage, "--executor", "ray"]
     assert main([*args, "--gpus-per-trial", "-1"]) == 2
     assert "--gpus-per-trial must be >= 0" in capsys.readouterr().err
+
+
+def test_the_installed_console_script_runs_the_cli(tmp_path):
+    script = shutil.which("lensnas", path=str(Path(sys.executable).parent)) or shutil.which("lensnas")
+    if script is None:
+        if in_ci():
+            pytest.fail("the lensnas console script is not installed: pip install -e .")
+        pytest.skip("the lensnas console script is not installed (pip install -e .)")
+    shown = subprocess.run([script, "--help"], capture_output=True, text=True, check=False)
+    assert shown.returncode == 0 and "launch" in shown.stdout
+    missing = subprocess.run([script, "status", "nope", "--storage", f"sqlite:///{tmp_path}/none.db"],
+                             capture_output=True, text=True, check=False)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert missing.stderr.startswith("lensnas status: error:")
