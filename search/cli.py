@@ -184,21 +184,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(
-            f"lensnas {args.command}: interrupted; finished trials are kept, the running trial "
-            "was recorded as FAIL; run the same command again to continue",
+            f"lensnas {args.command}: interrupted; finished trials are kept, running ones were "
+            "recorded as FAIL; run the same command again to continue",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
 
 
 def run() -> None:
-    """The console script: ``main``, and after an interrupt the process ends by SIGINT.
+    """The console script: ``main``; SIGTERM (a batch scheduler's stop) is handled as Ctrl-C, and
+    after either the process ends by SIGINT.
 
     Ending by the signal (after the exit handlers ran) is the Unix convention that lets a calling
     shell loop stop too (the shell shows status 130). It is also the only deterministic way out:
     CPython 3.11 ends a process by SIGINT anyway when the interrupt landed inside an ``exec``
     (as in a lazy import), even after the KeyboardInterrupt was handled.
     """
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     code = main()
     if code != EXIT_INTERRUPTED:
         sys.exit(code)

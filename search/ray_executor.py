@@ -304,21 +304,27 @@ def _capacity(
 
 @contextlib.contextmanager
 def _interruptible(run: RayRun) -> Iterator[None]:
-    """First Ctrl+C: stop every trial cleanly (run.interrupted); a second one: at once."""
+    """First Ctrl+C or SIGTERM: stop every trial cleanly (run.interrupted); a second: at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in signals}
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
     def on_interrupt(signum: int, frame: Any) -> None:
         run.interrupted = True
-        signal.signal(signal.SIGINT, previous)
+        restore()
 
-    signal.signal(signal.SIGINT, on_interrupt)
+    for number in signals:
+        signal.signal(number, on_interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore()
 
 
 def _placement(

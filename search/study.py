@@ -151,7 +151,7 @@ def evaluate(
     except TrialPruned as pruned:
         raise optuna.TrialPruned(str(pruned)) from None
     except KeyboardInterrupt:
-        trial.set_user_attr(FAIL_REASON, "interrupted (Ctrl-C / SIGINT)")
+        trial.set_user_attr(FAIL_REASON, "interrupted (Ctrl-C or SIGTERM)")
         raise
     except Exception as error:
         trial.set_user_attr(FAIL_REASON, f"{type(error).__name__}: {error}"[:2000])

@@ -99,7 +99,8 @@ def test_non_finite_loss_fails_the_trial_with_its_reason():
                     batch_size=4, epochs=1, weight_decay=0.0, ctx=LocalContext())
 
 
-def test_ctrl_c_mid_trial_leaves_no_running_trial(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_mid_trial_leaves_no_running_trial(tmp_path, stop):
     study_file = write_tiny_shear_study(tmp_path, n_trials=2, epochs=400)
     storage = f"sqlite:///{tmp_path}/lensnas.db"
     command = [sys.executable, "-m", "search.cli", "launch", str(study_file), "--storage", storage, "--quiet"]
@@ -115,7 +116,7 @@ def test_ctrl_c_mid_trial_leaves_no_running_trial(tmp_path):
             pass  # study not created yet
     assert running, "no trial started"
     time.sleep(1.0)  # mid-training
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)  # SIGTERM, as a batch scheduler stops a job, is handled as Ctrl-C
     _, err = process.communicate(timeout=60)
     assert process.returncode == -signal.SIGINT  # a shell shows 130
     assert "interrupted" in err and "Traceback" not in err
