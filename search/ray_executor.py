@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -188,7 +189,7 @@ def check_ray_options(
     gpus_per_trial: float = 0.0, cpus_per_trial: float = 1.0, max_concurrent: int | None = None,
     address: str | None = None,
 ) -> None:
-    """Raise SpecError for resources no trial can have."""
+    """Raise SpecError for resources no trial can have, or an address that is not one."""
     if gpus_per_trial < 0 or cpus_per_trial <= 0:
         raise SpecError(
             "--gpus-per-trial must be >= 0 and --cpus-per-trial > 0, "
@@ -196,6 +197,24 @@ def check_ray_options(
         )
     if max_concurrent is not None and max_concurrent < 1:
         raise SpecError(f"--max-concurrent: must be at least 1, got {max_concurrent}")
+    if address:
+        _check_reachable(address)  # before the data is prepared, which can take minutes
+
+
+def _head_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a --address host:port, None for 'auto'; SpecError for anything else."""
+    if address == "auto":
+        return None
+    if "://" in address:
+        raise SpecError(
+            f"--address {address}: Ray Client addresses (ray://) are not supported; give the "
+            "cluster's host:port, as `ray start --head` prints it, or 'auto' on a node of the cluster"
+        )
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # an IPv6 host is written [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SpecError(f"--address {address!r}: expected host:port (e.g. 10.0.0.5:6379) or 'auto'")
+    return host, int(port)
 
 
 def run_ray(
@@ -403,6 +422,20 @@ def _ray_session(address: str | None) -> Iterator[str]:
         yield "started a local Ray" if address is None else f"joined the Ray cluster at {address}"
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """SpecError at once when nothing listens at a host:port (Ray would retry for minutes)."""
+    head = _head_host_port(address)
+    if head is None:
+        return
+    try:
+        socket.create_connection(head, timeout=timeout).close()
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise SpecError(
+            f"--address {address}: cannot reach it ({reason}): is `ray start --head` running there?"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from search.cli import main
 from tests.ray_fixtures import load, write_ray_study
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -111,3 +112,22 @@ def test_ray_address_in_the_environment_joins_like_the_flag(tmp_path, ray_cluste
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"joined the Ray cluster at {address} with {CLUSTER_CPUS} CPUs" in result.stderr
     assert load(f"sqlite:///{tmp_path}/lensnas.db", "from-env").trials[0].state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    ("nonsense", "expected host:port (e.g. 10.0.0.5:6379) or 'auto'"),
+    ("head:99999", "expected host:port"),
+    ("ray://head:10001", "Ray Client addresses (ray://) are not supported"),
+    ("127.0.0.1:{closed}", "cannot reach it (Connection refused)"),
+])
+def test_bad_addresses_are_one_line_errors_before_any_data(tmp_path, capsys, address, expected):
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        address = address.format(closed=closed.getsockname()[1])
+        write_ray_study(tmp_path, "nowhere", n_trials=1)
+        code = main(["launch", str(tmp_path / "nowhere.toml"), "--storage", f"sqlite:///{tmp_path}/s.db",
+                     "--executor", "ray", "--address", address, "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("lensnas launch: error: --address") and address in err and expected in err
+    assert not (tmp_path / "cache").exists()  # refused before the data was prepared
