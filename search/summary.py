@@ -37,12 +37,27 @@ def output_console() -> Console:
 
 
 def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
-    """The ``top`` best completed trials (Pareto front order for multi-objective studies)."""
+    """The ``top`` best completed trials; for multi-objective studies the Pareto front first,
+    then the front of the trials left, and so on (by trial number within a front)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(study.directions) > 1:
-        return list(study.best_trials)[:top]
-    sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
-    return sorted(complete, key=lambda t: sign * t.value)[:top]
+    signs = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
+    if len(signs) == 1:
+        return sorted(complete, key=lambda t: signs[0] * t.value)[:top]
+    remaining = {t.number: [sign * value for sign, value in zip(signs, t.values)] for t in complete}
+    by_number = {t.number: t for t in complete}
+    ordered: list[FrozenTrial] = []
+    while remaining and len(ordered) < top:
+        front = [n for n, key in remaining.items()
+                 if not any(_dominates(other, key) for other in remaining.values())]
+        ordered += [by_number[n] for n in sorted(front)]
+        for number in front:
+            del remaining[number]
+    return ordered[:top]
+
+
+def _dominates(a: list[float], b: list[float]) -> bool:
+    """Whether a is at least as good as b everywhere and better somewhere (all minimised)."""
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
 
 def trial_table(trials: Sequence[FrozenTrial], columns: Sequence[str], title: str) -> Table:
