@@ -54,6 +54,10 @@ def launch(
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec)
     spec = spec.with_overrides(n_trials=n_trials, seed=seed)
+    # Local trials train here, so their device must exist (checked before anything is stored);
+    # Ray workers choose theirs on their node.
+    device = resolve_device(spec.device, f"{spec.path}: training.device") if executor == "local" \
+        else spec.device
     url = storage or default_storage_url()
     console = console or Console(stderr=True, quiet=quiet)
     study = open_study(spec, open_storage(url))
@@ -73,7 +77,6 @@ def launch(
             )
         for key, value in objective.trial_attrs().items():
             study.set_user_attr(key, value)
-        device = resolve_device(spec.device)
         common = {
             "device": device, "artifact_root": artifact_root(url), "max_failures": max_failures,
             "quiet": quiet, "console": console,

@@ -223,10 +223,18 @@ def fail_abandoned_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    if device != "auto":
-        return device
+def resolve_device(device: str, source: str = "training.device") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; SpecError (naming ``source``) for a
+    CUDA device this machine does not have."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            has = f"{count} CUDA device(s)" if count else "no CUDA GPU visible to torch"
+            raise SpecError(f"{source}: {device!r} asked for, this machine has {has}; "
+                            'allowed here: "auto" or "cpu"' + (f", cuda:0..cuda:{count - 1}" if count else ""))
+    return device

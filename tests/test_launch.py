@@ -178,3 +178,14 @@ def test_the_installed_console_script_runs_the_cli(tmp_path):
                              capture_output=True, text=True, check=False)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert missing.stderr.startswith("lensnas status: error:")
+
+
+def test_a_cuda_device_the_machine_lacks_is_refused_before_the_data(tmp_path, capsys):
+    study_file = write_tiny_shear_study(tmp_path)
+    study_file.write_text(study_file.read_text().replace("[training]\n", '[training]\ndevice = "cuda:99"\n'))
+    code = main(["launch", str(study_file), "--storage", f"sqlite:///{tmp_path}/s.db",
+                 "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{study_file}: training.device: 'cuda:99' asked for" in err and '"cpu"' in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "s.db").exists()  # nothing stored
