@@ -182,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, StorageError) as error:
         print(f"lensnas {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as error:  # a folder that cannot be written (--cache-dir, -o), a full disk
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"lensnas {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(
             f"lensnas {args.command}: interrupted; finished trials are kept, running ones were "

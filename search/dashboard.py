@@ -26,6 +26,8 @@ def serve(
     """Serve optuna-dashboard for ``storage_url`` (blocks until interrupted); prints the URL."""
     from optuna_dashboard import run_server
 
+    if not 0 <= port <= 65535:
+        raise SpecError(f"--port: must be 0-65535 (0: any free port), got {port}")
     storage = open_storage(storage_url)
     store = artifact_store(storage_url)
     out = out or sys.stdout

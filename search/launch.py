@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 from rich.console import Console
 
+from objectives.cache import cache_root
 from search.local import run_local
 from search.spec import SpecError, StudySpec, load_spec
 from search.storage import artifact_root, default_storage_url, open_storage, redact
@@ -58,6 +59,11 @@ def launch(
     # Ray workers choose theirs on their node.
     device = resolve_device(spec.device, f"{spec.path}: training.device") if executor == "local" \
         else spec.device
+    folder = cache_root(cache_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SpecError(f"--cache-dir {folder}: cannot create it ({error.strerror or error})") from None
     url = storage or default_storage_url()
     console = console or Console(stderr=True, quiet=quiet)
     study = open_study(spec, open_storage(url))

@@ -189,3 +189,22 @@ def test_a_cuda_device_the_machine_lacks_is_refused_before_the_data(tmp_path, ca
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{study_file}: training.device: 'cuda:99' asked for" in err and '"cpu"' in err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "s.db").exists()  # nothing stored
+
+
+def test_unusable_paths_and_ports_are_one_line_errors(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    study_file = write_tiny_shear_study(tmp_path)
+    optuna.create_study(study_name="empty", storage=storage)
+    runs = {
+        "--cache-dir": ["launch", str(study_file), "--storage", storage, "--cache-dir", str(blocker / "cache")],
+        "report -o": ["report", "empty", "--storage", storage, "-o", str(blocker / "r.html")],
+        "--port": ["dashboard", "--storage", storage, "--port", "70000"],
+    }
+    for what, argv in runs.items():
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (what, err)
+        assert ("a-file" in err) if what != "--port" else ("must be 0-65535" in err), (what, err)
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["empty"]  # nothing stored
