@@ -23,9 +23,10 @@ from objectives.shear_data import (
     SPLITS,
     GalaxySimulation,
     simulate,
+    simulate_test_at_noise,
     simulation_config,
 )
-from objectives.shear_metrics import rmse, shear_metrics
+from objectives.shear_metrics import noise_prefix, rmse, shear_metrics
 from objectives.training import (
     REGRESSION_LOSSES,
     parameter_count,
@@ -72,6 +73,7 @@ class ShearObjective:
         "n_test": 1000,
         "psf_channel": False,
         "reference": "metacal",
+        "test_noise_levels": [],  # the test set again at these noise sigmas (network and reference)
         **SIMULATION_DEFAULTS,
     }
     METRICS: ClassVar[dict[str, str]] = {
@@ -115,6 +117,7 @@ class ShearObjective:
         self.cache_hit: bool | None = None
         self.reference_metrics: dict[str, float] = {}
         self.reference_estimate: np.ndarray | None = None
+        self.noise_tests: dict[float, dict[str, np.ndarray]] = {}
 
     @classmethod
     def check_options(cls, table: dict[str, Any], prefix: str = "objective") -> dict[str, Any]:
@@ -136,6 +139,10 @@ class ShearObjective:
             require(options[key] in allowed, f"{prefix}.{key}", f"must be one of {', '.join(allowed)}, got {options[key]!r}")
         if options["reference"] != "none":
             require(is_available(options["reference"]), f"{prefix}.reference", f"{INSTALL_HINT}; or use metacal, hsm")
+        levels = options["test_noise_levels"]
+        require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1000 for v in levels),
+                f"{prefix}.test_noise_levels", f"must be noise sigmas in [0, 1000), got {levels!r}")
+        options["test_noise_levels"] = sorted({float(v) for v in levels} - {options["noise_sigma"]})
         return options
 
     @classmethod
@@ -159,30 +166,46 @@ class ShearObjective:
         )
         logger.info("shear dataset %s (%s)", self.dataset_key, "cache hit" if self.cache_hit else "simulated")
         self.input_scale = 1.0 / float(np.std(self.data["train.images"][:1000]) or 1.0)
-        self.reference_metrics = self._reference_metrics()
+        test = {name: self.data[f"test.{name}"] for name in ("images", "images_minus", "labels")}
+        self.reference_metrics, self.reference_estimate = self._reference_metrics(
+            test, self.simulation.noise_sigma, self.dataset_key, "ref_"
+        )
+        for level in self.options["test_noise_levels"]:
+            config = {"dataset": self.dataset_config(), "test_noise_sigma": level}
+            self.noise_tests[level], _, _ = cached_arrays(
+                self.cache_dir, "shear-test-noise", config, lambda level=level: (
+                    simulate_test_at_noise(self.simulation, self.counts["test"], self.seed, level), {}
+                ),
+            )
+            metrics, _ = self._reference_metrics(
+                self.noise_tests[level], level, config_hash(config), f"{noise_prefix(level)}ref_"
+            )
+            self.reference_metrics.update(metrics)
 
-    def _reference_metrics(self) -> dict[str, float]:
-        """The reference estimator on the paired test set (computed once, cached): ``ref_*`` metrics."""
+    def _reference_metrics(
+        self, test: dict[str, np.ndarray], noise_sigma: float, dataset_key: str, prefix: str
+    ) -> tuple[dict[str, float], np.ndarray | None]:
+        """The reference estimator on a paired test set (computed once, cached): ``<prefix>*``
+        metrics and its per-galaxy estimates."""
         name = self.options["reference"]
         if name == "none":
-            return {}
+            return {}, None
         results = [
             cached_measure(
-                name, self.data[f"test.{images}"], self.data["psf_image"], self.simulation.pixel_scale,
-                self.simulation.noise_sigma, cache_dir=self.cache_dir,
-                dataset_key=f"{self.dataset_key}-test.{images}", progress=self.progress,
+                name, test[images], self.data["psf_image"], self.simulation.pixel_scale,
+                noise_sigma, cache_dir=self.cache_dir,
+                dataset_key=f"{dataset_key}-test.{images}", progress=self.progress,
             )
             for images in ("images", "images_minus")
         ]
         ok = results[0].ok & results[1].ok
-        metrics = shear_metrics(results[0].g[ok], self.data["test.labels"][ok], results[1].g[ok], prefix="ref_")
-        metrics["ref_n_failed"] = float(np.count_nonzero(~ok))
+        metrics = shear_metrics(results[0].g[ok], test["labels"][ok], results[1].g[ok], prefix=prefix)
+        metrics[f"{prefix}n_failed"] = float(np.count_nonzero(~ok))
         per_object = results[0].g_per_object_response
         if per_object is not None:
-            metrics["ref_object_rmse"] = rmse(per_object[ok], self.data["test.labels"][ok])[2]
-        metrics["ref_galaxies_per_core_second"] = results[0].galaxies_per_core_second
-        self.reference_estimate = results[0].g
-        return metrics
+            metrics[f"{prefix}object_rmse"] = rmse(per_object[ok], test["labels"][ok])[2]
+        metrics[f"{prefix}galaxies_per_core_second"] = results[0].galaxies_per_core_second
+        return metrics, results[0].g
 
     def _simulate(self, total: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         from rich.progress import Progress
@@ -194,8 +217,11 @@ class ShearObjective:
 
     def inputs(self, split: str, name: str = "images") -> StampInputs:
         """The network inputs for one split (``name`` = "images" or, for test, "images_minus")."""
-        psf = self.data["psf_image"] if self.options["psf_channel"] else None
-        return StampInputs(self.data[f"{split}.{name}"], psf)
+        return self.stamp_inputs(self.data[f"{split}.{name}"])
+
+    def stamp_inputs(self, images: np.ndarray) -> StampInputs:
+        """Network inputs for (N, H, W) stamps of this study's simulation."""
+        return StampInputs(images, self.data["psf_image"] if self.options["psf_channel"] else None)
 
     def architecture(self, params: dict[str, Any]) -> dict[str, Any]:
         """Everything needed to rebuild the trial's network (family, version, builder arguments)."""
@@ -243,12 +269,17 @@ class ShearObjective:
             best_val_loss=result.best_val_loss,
             epochs_run=float(result.epochs_run),
         )
+        for level, test in self.noise_tests.items():
+            estimates = [predict(result.model, self.stamp_inputs(test[name]), batch, ctx.device)
+                         for name in ("images", "images_minus")]
+            metrics.update(shear_metrics(estimates[0], test["labels"], estimates[1], prefix=noise_prefix(level)))
         if self.reference_metrics:
             metrics.update(self.reference_metrics)
-            metrics["rmse_ratio"] = metrics["rmse"] / metrics["ref_rmse"]
-            if "ref_object_rmse" in metrics:
-                metrics["rmse_ratio_object"] = metrics["rmse"] / metrics["ref_object_rmse"]
-            metrics["abs_m_diff"] = metrics["abs_m"] - metrics["ref_abs_m"]
+            for prefix in ["", *map(noise_prefix, self.noise_tests)]:
+                metrics[f"{prefix}rmse_ratio"] = metrics[f"{prefix}rmse"] / metrics[f"{prefix}ref_rmse"]
+                if f"{prefix}ref_object_rmse" in metrics:
+                    metrics[f"{prefix}rmse_ratio_object"] = metrics[f"{prefix}rmse"] / metrics[f"{prefix}ref_object_rmse"]
+                metrics[f"{prefix}abs_m_diff"] = metrics[f"{prefix}abs_m"] - metrics[f"{prefix}ref_abs_m"]
         self._save(result.model, params, ctx)
         shear_residual_figure(
             Path(ctx.artifact_dir) / FIGURE, self.data["test.labels"], estimate,

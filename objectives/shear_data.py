@@ -16,7 +16,7 @@ noise (``images_minus``) for the noise-cancelling paired bias protocol.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import galsim
@@ -175,12 +175,27 @@ def simulate(
 
     The test split is paired (rendered at +g and -g with the same noise).
     """
-    children = dict(zip(SPLITS, np.random.SeedSequence(seed).spawn(len(SPLITS))))
+    children = split_seeds(seed)
     arrays: dict[str, np.ndarray] = {"psf_image": simulation.psf_image()}
     for split in SPLITS:
         data = simulate_split(simulation, children[split], counts[split], split == "test", on_progress)
         arrays.update({f"{split}.{name}": value for name, value in data.items()})
     return arrays
+
+
+def split_seeds(seed: int) -> dict[str, np.random.SeedSequence]:
+    """The seed of each split: disjoint populations and noise, reproducible from ``seed``."""
+    return dict(zip(SPLITS, np.random.SeedSequence(seed).spawn(len(SPLITS))))
+
+
+def simulate_test_at_noise(
+    simulation: GalaxySimulation, count: int, seed: int, noise_sigma: float,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """The test split of :func:`simulate` (same galaxies, same noise realisation) with the noise
+    scaled to ``noise_sigma``: the same test set at another noise level."""
+    return simulate_split(replace(simulation, noise_sigma=noise_sigma), split_seeds(seed)["test"], count,
+                          paired=True, on_progress=on_progress)
 
 
 def simulation_config(simulation: GalaxySimulation) -> dict[str, Any]:

@@ -115,3 +115,11 @@ def shear_metrics(
     out[f"{prefix}abs_m"] = max(abs(headline.m[0]), abs(headline.m[1]))
     out[f"{prefix}abs_c"] = max(abs(headline.c[0]), abs(headline.c[1]))
     return out
+
+
+NOISE_PREFIX = "noise_"
+
+
+def noise_prefix(noise_sigma: float) -> str:
+    """Prefix of the metrics measured on the test set at another noise level (``noise_0.001_rmse``)."""
+    return f"{NOISE_PREFIX}{noise_sigma:g}_"

@@ -28,6 +28,8 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 
 from objectives.diagnostics import FIGURE
+from objectives.shear_data import GalaxySimulation
+from objectives.shear_metrics import NOISE_PREFIX, noise_prefix
 from search.artifacts import artifact_store, read_trial_artifact
 from search.summary import best_trials, format_params, format_value, summary_columns
 
@@ -283,6 +285,35 @@ def _reference_section(study: optuna.Study, best: FrozenTrial | None) -> str:
     return "\n".join(parts)
 
 
+def _noise_section(study: optuna.Study, best: FrozenTrial) -> str:
+    """The test set at each noise level the study evaluated (``[objective] test_noise_levels``):
+    RMSE and m of the best network and of the reference estimator."""
+    attrs = best.user_attrs
+    base = float(_objective_options(study).get("noise_sigma", GalaxySimulation.noise_sigma))
+    levels = sorted({float(key.split("_", 2)[1]) for key in attrs if key.startswith(NOISE_PREFIX)})
+    prefixes = {base: "", **{level: noise_prefix(level) for level in levels}}
+    columns = ("rmse", "m1", "m2", "ref_rmse", "ref_m1", "ref_m2", "rmse_ratio")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("noise sigma", *columns))
+    body = "".join(
+        f"<tr><td>{level:g}</td>" + "".join(
+            f"<td>{html.escape(format_value(attrs.get(prefix + c), attrs.get(prefix + c + '_err')))}</td>"
+            for c in columns
+        ) + "</tr>"
+        for level, prefix in sorted(prefixes.items())
+    )
+    figure = go.Figure()
+    for label, key in ((f"network (trial {best.number})", "rmse"), ("reference", "ref_rmse")):
+        points = [(level, attrs.get(prefix + key)) for level, prefix in sorted(prefixes.items())]
+        points = [(level, value) for level, value in points if isinstance(value, (int, float)) and level > 0]
+        if points:
+            figure.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points],
+                                        mode="lines+markers", name=label))
+    figure.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="pixel noise sigma",
+                         yaxis_title="RMSE of g", height=380)
+    return (f'<table id="noise-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n'
+            + _figure_html(figure, "noise-levels-0"))
+
+
 def _bias_figure(rows: dict[str, dict[str, float]]) -> go.Figure:
     """m and c (with error bars) of the network and each reference estimator."""
     figure = make_subplots(
@@ -413,6 +444,10 @@ def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
             _reference_section(study, best),
         )
     )
+    if best is not None and any(key.startswith(NOISE_PREFIX) for key in best.user_attrs):
+        sections.append(_section(
+            "noise-levels", "Best network and reference across noise levels", _noise_section(study, best)
+        ))
     sections.append(
         _section(
             "diagnostics",

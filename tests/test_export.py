@@ -71,8 +71,11 @@ def tiny_shear_study(tmp_path_factory: pytest.TempPathFactory) -> TinyStudy:
     folder = tmp_path_factory.getbasetemp() / "issue5-shear-study"
     folder.mkdir(exist_ok=True)
     path = write_tiny_shear_study(folder, name="tiny5", n_trials=3, epochs=2)
-    # the HSM reference: fast, and gives the study ref_* metrics to compare with
-    path.write_text(path.read_text().replace("[objective]\n", '[objective]\nreference = "hsm"\n'))
+    # the HSM reference: fast, and gives the study ref_* metrics to compare with; the test set
+    # again at a higher noise level, for the report's comparison across noise levels
+    path.write_text(path.read_text().replace(
+        "[objective]\n", '[objective]\nreference = "hsm"\ntest_noise_levels = [1e-3]\n'
+    ))
     url = f"sqlite:///{folder / 'lensnas.db'}"
     study = launch(path, url, quiet=True, cache_dir=folder / "cache")
     return TinyStudy(study, url, folder, folder / "cache")

@@ -75,6 +75,17 @@ def test_report_tables_show_metrics_with_errors_and_the_reference(shear, report)
     assert f"<td>network (trial {best.number})</td>" in report
 
 
+def test_report_compares_network_and_reference_across_noise_levels(shear, report):
+    attrs = best_trials(shear.study, 1)[0].user_attrs
+    expected = {"noise_0.001_rmse", "noise_0.001_m1", "noise_0.001_m1_err", "noise_0.001_ref_rmse",
+                "noise_0.001_rmse_ratio"}
+    assert expected <= set(attrs)
+    assert attrs["noise_0.001_ref_rmse"] > attrs["ref_rmse"]  # HSM at sigma 1e-3 vs the study's 1e-5
+    assert '<section id="noise-levels">' in report and 'id="noise-levels-0"' in report
+    assert "<td>1e-05</td>" in report and "<td>0.001</td>" in report
+    assert set(reference_metrics(shear.study)) == {"hsm"}  # noise-level metrics stay apart
+
+
 def test_reference_attributes_are_grouped_by_estimator():
     study = optuna.create_study()
     study.set_user_attr("reference", "metacal")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 
 from objectives.shear import ShearObjective
-from objectives.shear_data import GalaxySimulation, simulate
+from objectives.shear_data import GalaxySimulation, simulate, simulate_test_at_noise
+from spaces.dimensions import SpaceError
 
 SMALL = GalaxySimulation(stamp_size=21, pixel_scale=0.2, half_light_radius_min=0.3,
                          half_light_radius_max=0.7, noise_sigma=1e-4)
@@ -90,3 +92,21 @@ def test_reference_rmse_with_mean_and_per_object_response(tmp_path):
     metrics = objective.reference_metrics
     assert metrics["ref_n_failed"] == 0
     assert metrics["ref_object_rmse"] < 2e-3 < metrics["ref_rmse"]
+
+
+def test_the_test_set_at_another_noise_level_holds_the_same_galaxies():
+    arrays = simulate(SMALL, COUNTS, seed=5)
+    same = simulate_test_at_noise(SMALL, COUNTS["test"], 5, SMALL.noise_sigma)
+    for name in ("images", "images_minus", "labels"):
+        np.testing.assert_array_equal(same[name], arrays[f"test.{name}"])
+    noisier = simulate_test_at_noise(SMALL, COUNTS["test"], 5, 10 * SMALL.noise_sigma)
+    np.testing.assert_array_equal(noisier["labels"], arrays["test.labels"])
+    # the same noise realisation, scaled: the difference is 9 sigma of pure noise
+    difference = noisier["images"] - arrays["test.images"]
+    assert abs(np.std(difference) / (9 * SMALL.noise_sigma) - 1) < 0.05
+
+
+@pytest.mark.parametrize("levels", [["1e-3"], [-1e-3], [1e-3, True], [5000.0]])
+def test_bad_test_noise_levels_are_refused(levels):
+    with pytest.raises(SpaceError, match="objective.test_noise_levels"):
+        ShearObjective.check_options({"test_noise_levels": levels})
