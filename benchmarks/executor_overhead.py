@@ -129,12 +129,12 @@ def _run(executor: str, spec: StudySpec, folder: Path, **options: Any) -> tuple[
     study = open_study(spec, open_storage(url))
     objective = spec.make_objective(folder / "cache", progress=False)
     objective.prepare()
-    common = {"device": "cpu", "artifact_root": folder / "artifacts", "quiet": True}
+    common = {"artifact_root": folder / "artifacts", "quiet": True}
     started = time.perf_counter()
     if executor == "ray":
         run_ray(spec, study, objective, storage_url=url, **common, **options)
     else:
-        run_local(spec, study, objective, storage_url=url, **common)
+        run_local(spec, study, objective, storage_url=url, device="cpu", **common)
     wall = time.perf_counter() - started
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == spec.n_trials and all(t.datetime_complete for t in trials)

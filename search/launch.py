@@ -55,10 +55,8 @@ def launch(
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec)
     spec = spec.with_overrides(n_trials=n_trials, seed=seed)
-    # Local trials train here, so their device must exist (checked before anything is stored);
-    # Ray workers choose theirs on their node.
-    device = resolve_device(spec.device, f"{spec.path}: training.device") if executor == "local" \
-        else spec.device
+    if executor == "local":  # trials train here: the device must exist (before anything is stored)
+        device = resolve_device(spec.device, f"{spec.path}: training.device")
     folder = cache_root(cache_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -84,15 +82,15 @@ def launch(
         for key, value in objective.trial_attrs().items():
             study.set_user_attr(key, value)
         common = {
-            "device": device, "artifact_root": artifact_root(url), "max_failures": max_failures,
-            "quiet": quiet, "console": console,
+            "artifact_root": artifact_root(url), "max_failures": max_failures, "quiet": quiet,
+            "console": console,
         }
-        if executor == "ray":
+        if executor == "ray":  # Ray workers choose their device on their node
             from search.ray_executor import run_ray
 
             failures = run_ray(spec, study, objective, storage_url=url, **common, **executor_options)
         else:
-            failures = run_local(spec, study, objective, storage_url=url, **common)
+            failures = run_local(spec, study, objective, storage_url=url, device=device, **common)
         stopped_reason = failures.stopped_reason
     if not quiet:
         print_best(study, output_console())

@@ -53,7 +53,13 @@ from search.local import WAIT_SECONDS, claim_trial, run_claimed_trial
 from search.samplers import make_pruner, make_sampler
 from search.spec import SpecError, StudySpec
 from search.storage import open_storage, redact
-from search.study import FAIL_REASON, FINISHED, fail_abandoned_trials, finished_count
+from search.study import (
+    FAIL_REASON,
+    FINISHED,
+    StopAfterFailures,
+    fail_abandoned_trials,
+    finished_count,
+)
 
 RUN_ATTR = "ray_run"
 RAY_TRIAL_ATTR = "ray_trial_id"
@@ -83,13 +89,11 @@ class RayJob:
         return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-class RayRun:
+class RayRun(StopAfterFailures):
     """What run_ray did: why it stopped early (or None) and the counts of trial outcomes."""
 
     def __init__(self, max_failures: int):
-        self.max_failures = max_failures
-        self.consecutive_failures = 0
-        self.stopped_reason: str | None = None
+        super().__init__(max_failures)
         self.states: dict[str, int] = {}
         self.cache_misses = 0
         self.interrupted = False
@@ -99,21 +103,11 @@ class RayRun:
         """Why trials still running at the end of the run were stopped."""
         return "interrupted" if self.interrupted else "the Ray run ended before the trial"
 
-    def record(self, state: str, reason: str | None) -> None:
-        """Count one finished Ray trial; stop after max_failures consecutive FAIL trials."""
+    def count(self, state: str, reason: str | None) -> None:
+        """Count one finished Ray trial (a SKIPPED one claimed nothing and counts for nothing)."""
         self.states[state] = self.states.get(state, 0) + 1
-        if state == SKIPPED:
-            return
-        if state != TrialState.FAIL.name:
-            self.consecutive_failures = 0
-            return
-        self.consecutive_failures += 1
-        limit = self.max_failures
-        if limit and self.consecutive_failures >= limit and self.stopped_reason is None:
-            self.stopped_reason = (
-                f"stopped after {self.consecutive_failures} consecutive failed trials; "
-                f"last: {reason or 'see the log'}"
-            )
+        if state != SKIPPED:
+            self.record(state == TrialState.FAIL.name, reason)
 
 
 _PREPARED: dict[str, Any] = {}  # per worker process: the objective of the current run
@@ -223,7 +217,6 @@ def run_ray(
     objective: Any,
     *,
     storage_url: str,
-    device: str,
     artifact_root: Path,
     max_failures: int = 3,
     quiet: bool = False,
@@ -236,8 +229,8 @@ def run_ray(
     """Run Ray Tune trials until the study has ``spec.n_trials`` finished trials (as run_local).
 
     ``objective`` must be prepared: workers rebuild it from the spec and its cache folder (a cache
-    hit). ``device`` is the driver's own; workers use a GPU only when ``gpus_per_trial`` > 0 and
-    the cluster has one, else the CPU (said once). ``max_failures`` consecutive failures start no
+    hit). Workers use a GPU only when ``gpus_per_trial`` > 0 and the cluster has one, else the
+    CPU (said once). ``max_failures`` consecutive failures start no
     new trial. Ctrl+C stops the trials, fails the running ones and raises KeyboardInterrupt.
     """
     check_ray_options(gpus_per_trial, cpus_per_trial, max_concurrent)
@@ -578,14 +571,14 @@ class _Monitor(tune.Callback):
     ) -> None:
         state = result.get("state", "")
         reason = result.get("fail_reason") or None
-        self.run.record(state, reason)
+        self.run.count(state, reason)
         if state != SKIPPED and not result.get("cache_hit", True):
             self.run.cache_misses += 1
         self.update(f"trial {result.get('number')} {state}" + (f": {reason}" if reason else ""))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         reason = f"ray worker error: {_trial_error(trial)}"
-        self.run.record(TrialState.FAIL.name, reason)
+        self.run.count(TrialState.FAIL.name, reason)
         numbers = _fail_running(self.job, reason, ray_trial_id=trial.trial_id)
         self.update(f"trial {', '.join(map(str, numbers)) or '?'} FAIL: {reason}")
 

@@ -175,13 +175,18 @@ class StopAfterFailures:
         self.stopped_reason: str | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state != TrialState.FAIL:
+        self.record(trial.state == TrialState.FAIL, trial.user_attrs.get(FAIL_REASON))
+
+    def record(self, failed: bool, reason: str | None = None) -> None:
+        """Count one finished trial; the first time ``limit`` failures in a row are reached, say why."""
+        if not failed:
             self.consecutive = 0
             return
         self.consecutive += 1
-        if self.limit and self.consecutive >= self.limit:
-            reason = trial.user_attrs.get(FAIL_REASON, "see the log")
-            self.stopped_reason = f"stopped after {self.consecutive} consecutive failed trials; last: {reason}"
+        if self.limit and self.consecutive >= self.limit and self.stopped_reason is None:
+            self.stopped_reason = (
+                f"stopped after {self.consecutive} consecutive failed trials; last: {reason or 'see the log'}"
+            )
 
 
 WORKER = "worker"
