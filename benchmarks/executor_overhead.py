@@ -26,17 +26,16 @@ from typing import Any, ClassVar
 
 import optuna
 import ray
+from lensnas.objectives import OBJECTIVES
+from lensnas.objectives.options import check_options
+from lensnas.search.local import run_local
+from lensnas.search.ray_executor import run_ray
+from lensnas.search.spec import StudySpec, load_spec
+from lensnas.search.storage import open_storage
+from lensnas.search.study import open_study
+from lensnas.spaces.shear_cnn import SHEAR_CNN
 from rich.console import Console
 from rich.table import Table
-
-from objectives import OBJECTIVES
-from objectives.options import check_options
-from search.local import run_local
-from search.ray_executor import run_ray
-from search.spec import StudySpec, load_spec
-from search.storage import open_storage
-from search.study import open_study
-from spaces.shear_cnn import SHEAR_CNN
 
 NOOP_STUDY = """
 [study]

@@ -15,13 +15,12 @@ import argparse
 from collections.abc import Sequence
 
 import numpy as np
+from lensnas.objectives import ngmix_backend
+from lensnas.objectives.reference import cpu_count, is_available, measure
+from lensnas.objectives.shear_data import metacal_benchmark_simulation, simulate_split
+from lensnas.objectives.shear_metrics import linear_bias, rmse
 from rich.console import Console
 from rich.table import Table
-
-from objectives import ngmix_backend
-from objectives.reference import cpu_count, is_available, measure
-from objectives.shear_data import metacal_benchmark_simulation, simulate_split
-from objectives.shear_metrics import linear_bias, rmse
 
 ESTIMATORS = (
     ("metacal", "metacal", {}),

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import importlib
 
-from objectives.base import LocalContext, Objective, TrialContext, TrialFailed, TrialPruned
+from lensnas.objectives.base import LocalContext, Objective, TrialContext, TrialFailed, TrialPruned
 
 OBJECTIVES = {
-    "shear": "objectives.shear:ShearObjective",
-    "sr": "objectives.sr:SRObjective",
+    "shear": "lensnas.objectives.shear:ShearObjective",
+    "sr": "lensnas.objectives.sr:SRObjective",
 }
 
 

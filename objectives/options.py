@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spaces.dimensions import SpaceError, closest
+from lensnas.spaces.dimensions import SpaceError, closest
 
 
 def check_options(table: Any, defaults: dict[str, Any], prefix: str = "objective") -> dict[str, Any]:

@@ -5,13 +5,13 @@ the pixel-noise level go in; per-object reduced-shear estimates ``g1``, ``g2`` a
 flag come out (:class:`ReferenceResult`). Estimators:
 
 ``"metacal"``
-    Built-in metacalibration over GalSim adaptive moments (:mod:`objectives.metacal`);
+    Built-in metacalibration over GalSim adaptive moments (:mod:`lensnas.objectives.metacal`);
     settings ``step`` (0.01), ``psf`` ("dilate" | "fitgauss" | "gauss"), ``fix_noise``
     (None = on above very low noise), ``interpolant``, ``seed``.
 ``"hsm"``
-    GalSim HSM PSF correction (:mod:`objectives.hsm`); setting ``method`` ("REGAUSS" | "KSB").
+    GalSim HSM PSF correction (:mod:`lensnas.objectives.hsm`); setting ``method`` ("REGAUSS" | "KSB").
 ``"ngmix"``
-    NGMix metacalibration (:mod:`objectives.ngmix_backend`) when ngmix is installed;
+    NGMix metacalibration (:mod:`lensnas.objectives.ngmix_backend`) when ngmix is installed;
     settings ``fitter`` ("admom" | "gauss"), ``psf``, ``step``, ``fix_noise``, ``seed``.
 
 Both metacal variants calibrate by the mean response of the objects given (over ``ok``
@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from objectives import hsm, metacal, ngmix_backend
-from objectives.cache import cache_root, cached_arrays
+from lensnas.objectives import hsm, metacal, ngmix_backend
+from lensnas.objectives.cache import cache_root, cached_arrays
 
 logger = logging.getLogger("lensnas.reference")
 

@@ -10,14 +10,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-
-from objectives.base import TrialContext
-from objectives.cache import cache_root, cached_arrays, config_hash
-from objectives.diagnostics import FIGURE, shear_residual_figure
-from objectives.ngmix_backend import INSTALL_HINT
-from objectives.options import check_options, require
-from objectives.reference import cached_measure, is_available
-from objectives.shear_data import (
+from lensnas.objectives.base import TrialContext
+from lensnas.objectives.cache import cache_root, cached_arrays, config_hash
+from lensnas.objectives.diagnostics import FIGURE, shear_residual_figure
+from lensnas.objectives.ngmix_backend import INSTALL_HINT
+from lensnas.objectives.options import check_options, require
+from lensnas.objectives.reference import cached_measure, is_available
+from lensnas.objectives.shear_data import (
     PROFILES,
     PSF_PROFILES,
     SPLITS,
@@ -26,16 +25,16 @@ from objectives.shear_data import (
     simulate_test_at_noise,
     simulation_config,
 )
-from objectives.shear_metrics import noise_prefix, rmse, shear_metrics
-from objectives.training import (
+from lensnas.objectives.shear_metrics import noise_prefix, rmse, shear_metrics
+from lensnas.objectives.training import (
     REGRESSION_LOSSES,
     parameter_count,
     predict,
     seed_everything,
     train_model,
 )
-from spaces.dimensions import SpaceError
-from spaces.shear_cnn import SHEAR_CNN, build_shear_cnn
+from lensnas.spaces.dimensions import SpaceError
+from lensnas.spaces.shear_cnn import SHEAR_CNN, build_shear_cnn
 
 logger = logging.getLogger("lensnas.shear")
 

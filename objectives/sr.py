@@ -1,8 +1,8 @@
 """The strong-lensing super-resolution objective: an SR network maps LR lensing images to HR.
 
-A trial trains the network sampled from ``spaces.sr_net`` on LR/HR pairs (simulated with
-lenstronomy or loaded from a folder, see ``objectives.sr_data``) and scores it on the test set
-with MSE, PSNR and SSIM (``objectives.sr_metrics``), each also as a gain over the bicubic
+A trial trains the network sampled from ``lensnas.spaces.sr_net`` on LR/HR pairs (simulated with
+lenstronomy or loaded from a folder, see ``lensnas.objectives.sr_data``) and scores it on the test set
+with MSE, PSNR and SSIM (``lensnas.objectives.sr_metrics``), each also as a gain over the bicubic
 upsampling, which is computed once per dataset and cached with it.
 """
 
@@ -16,12 +16,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-
-from objectives.base import TrialContext
-from objectives.cache import cache_root, cached_arrays, config_hash
-from objectives.diagnostics import FIGURE, sr_panels_figure
-from objectives.options import check_options, require
-from objectives.sr_data import (
+from lensnas.objectives.base import TrialContext
+from lensnas.objectives.cache import cache_root, cached_arrays, config_hash
+from lensnas.objectives.diagnostics import FIGURE, sr_panels_figure
+from lensnas.objectives.options import check_options, require
+from lensnas.objectives.sr_data import (
     INSTRUMENT_KEYS,
     LOG_UNIFORM_KEYS,
     POPULATION_DEFAULTS,
@@ -34,10 +33,15 @@ from objectives.sr_data import (
     simulate_dataset,
     simulation_config,
 )
-from objectives.sr_metrics import TrainValidationLoss, bicubic_upsample, image_metrics, sr_loss
-from objectives.training import parameter_count, predict, seed_everything, train_model
-from spaces.dimensions import SpaceError
-from spaces.sr_net import SR_NET
+from lensnas.objectives.sr_metrics import (
+    TrainValidationLoss,
+    bicubic_upsample,
+    image_metrics,
+    sr_loss,
+)
+from lensnas.objectives.training import parameter_count, predict, seed_everything, train_model
+from lensnas.spaces.dimensions import SpaceError
+from lensnas.spaces.sr_net import SR_NET
 
 logger = logging.getLogger("lensnas.sr")
 

@@ -33,9 +33,8 @@ from tokenize import TokenError
 from typing import Any
 
 import numpy as np
+from lensnas.spaces.dimensions import SpaceError
 from scipy import ndimage
-
-from spaces.dimensions import SpaceError
 
 SOURCES = ("simulate", "euclid", "hst", "folder")
 SPLITS = ("train", "validation", "test")

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from lensnas.objectives.base import TrialContext, TrialFailed, TrialPruned
 from torch import nn
-
-from objectives.base import TrialContext, TrialFailed, TrialPruned
 
 REGRESSION_LOSSES: dict[str, Callable[[], nn.Module]] = {
     "mse": nn.MSELoss,

@@ -1,7 +1,7 @@
 """Trial artifacts (weights, architecture spec, diagnostic figures) in an Optuna artifact store.
 
 The store is a :class:`optuna.artifacts.FileSystemArtifactStore` rooted at
-:func:`search.storage.artifact_root` of the storage URL. Each uploaded file is linked to its
+:func:`lensnas.search.storage.artifact_root` of the storage URL. Each uploaded file is linked to its
 trial by Optuna (system attribute ``artifacts:<id>``, what optuna-dashboard lists) and by the
 user attribute ``artifacts`` = ``{filename: artifact id}``, which export and report read.
 """
@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+from lensnas.search.storage import artifact_root
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
 from optuna.trial import FrozenTrial
-
-from search.storage import artifact_root
 
 ARTIFACTS_ATTR = "artifacts"
 WEIGHTS = "weights.pt"

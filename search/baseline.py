@@ -14,14 +14,18 @@ import os
 from typing import Any
 
 import numpy as np
+from lensnas.objectives import ngmix_backend
+from lensnas.objectives.cache import config_hash
+from lensnas.objectives.reference import cached_measure, is_available
+from lensnas.objectives.shear_data import (
+    SPLITS,
+    GalaxySimulation,
+    simulate_split,
+    simulation_config,
+)
+from lensnas.objectives.shear_metrics import linear_bias, paired_bias, rmse
 from rich.console import Console
 from rich.table import Table
-
-from objectives import ngmix_backend
-from objectives.cache import config_hash
-from objectives.reference import cached_measure, is_available
-from objectives.shear_data import SPLITS, GalaxySimulation, simulate_split, simulation_config
-from objectives.shear_metrics import linear_bias, paired_bias, rmse
 
 BASELINE_ESTIMATORS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("metacal", "metacal", {}),

@@ -12,9 +12,8 @@ import warnings
 from collections.abc import Sequence
 
 import optuna
-
-from search.spec import SpecError
-from search.storage import StorageError, default_storage_url, open_storage, redact
+from lensnas.search.spec import SpecError
+from lensnas.search.storage import StorageError, default_storage_url, open_storage, redact
 
 EXIT_STOPPED = 1
 EXIT_BAD_INPUT = 2
@@ -80,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from search.launch import LaunchStopped, launch
+    from lensnas.search.launch import LaunchStopped, launch
 
     try:
         launch(
@@ -110,16 +109,16 @@ def load_study(name: str, storage_url: str | None) -> optuna.Study:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from search.summary import output_console, print_status
+    from lensnas.search.summary import output_console, print_status
 
     print_status(load_study(args.study_name, args.storage), output_console())
     return 0
 
 
 def _baseline(args: argparse.Namespace) -> int:
-    from search.baseline import baseline_rows, print_baseline
-    from search.spec import load_spec
-    from search.summary import output_console
+    from lensnas.search.baseline import baseline_rows, print_baseline
+    from lensnas.search.spec import load_spec
+    from lensnas.search.summary import output_console
 
     spec = load_spec(args.study_file)
     if spec.objective != "shear":
@@ -140,14 +139,14 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from search.dashboard import serve
+    from lensnas.search.dashboard import serve
 
     serve(args.storage or default_storage_url(), host=args.host, port=args.port)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from search.report import write_report
+    from lensnas.search.report import write_report
 
     url = args.storage or default_storage_url()
     path = write_report(load_study(args.study_name, url), args.output or f"{args.study_name}-report.html", url)
@@ -156,7 +155,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from search.export import export_study
+    from lensnas.search.export import export_study
 
     url = args.storage or default_storage_url()
     for folder in export_study(load_study(args.study_name, url), url, args.output, args.top):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from search.artifacts import artifact_store
-from search.spec import SpecError
-from search.storage import artifact_root, open_storage, redact
+from lensnas.search.artifacts import artifact_store
+from lensnas.search.spec import SpecError
+from lensnas.search.storage import artifact_root, open_storage, redact
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080

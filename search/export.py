@@ -2,7 +2,7 @@
 
 For each of the top K completed trials, ``DIR/trial-<n>/`` gets ``architecture.json`` and
 ``weights.pt`` (from the artifact store), ``model.ts`` (TorchScript), ``model.onnx`` and a
-``MODEL_CARD.md``. ``spaces.load(DIR/trial-<n>)`` rebuilds the PyTorch network.
+``MODEL_CARD.md``. ``lensnas.spaces.load(DIR/trial-<n>)`` rebuilds the PyTorch network.
 """
 
 from __future__ import annotations
@@ -17,16 +17,15 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+from lensnas import spaces
+from lensnas.search.artifacts import ARCHITECTURE, WEIGHTS, artifact_store, download_trial_artifacts
+from lensnas.search.report import lensnas_version, metric_rows, reference_metrics
+from lensnas.search.spec import SpecError, StudySpec
+from lensnas.search.storage import redact
+from lensnas.search.summary import best_trials, format_value, summary_columns
+from lensnas.spaces.loading import ArchitectureError, read_architecture
 from optuna.trial import FrozenTrial
 from torch import nn
-
-import spaces
-from search.artifacts import ARCHITECTURE, WEIGHTS, artifact_store, download_trial_artifacts
-from search.report import lensnas_version, metric_rows, reference_metrics
-from search.spec import SpecError, StudySpec
-from search.storage import redact
-from search.summary import best_trials, format_value, summary_columns
-from spaces.loading import ArchitectureError, read_architecture
 
 TORCHSCRIPT = "model.ts"
 ONNX = "model.onnx"
@@ -221,7 +220,7 @@ def export_study(
 
 def study_spec(study: optuna.Study) -> StudySpec:
     """The StudySpec stored with the study (study user attribute "spec")."""
-    from search.spec import spec_from_dict
+    from lensnas.search.spec import spec_from_dict
 
     raw = study.user_attrs.get("spec")
     source = Path(str(study.user_attrs.get("study_file", f"study '{study.study_name}'")))
@@ -371,7 +370,7 @@ def model_card(
         "## How to load",
         "",
         "```python",
-        "import spaces  # pip install lensnas",
+        "from lensnas import spaces",
         f'model = spaces.load("{folder}")  # nn.Module in eval mode',
         "",
         "import torch",

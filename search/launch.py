@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from lensnas.objectives.cache import cache_root
+from lensnas.search.local import run_local
+from lensnas.search.spec import SpecError, StudySpec, load_spec
+from lensnas.search.storage import artifact_root, default_storage_url, open_storage, redact
+from lensnas.search.study import fail_abandoned_trials, finished_count, open_study, resolve_device
+from lensnas.search.summary import output_console, print_best
 from rich.console import Console
-
-from objectives.cache import cache_root
-from search.local import run_local
-from search.spec import SpecError, StudySpec, load_spec
-from search.storage import artifact_root, default_storage_url, open_storage, redact
-from search.study import fail_abandoned_trials, finished_count, open_study, resolve_device
-from search.summary import output_console, print_best
 
 logger = logging.getLogger("lensnas")
 
@@ -49,7 +48,7 @@ def launch(
     if max_failures < 0:
         raise SpecError(f"--max-failures: must be 0 (never stop) or more, got {max_failures}")
     if executor == "ray":
-        from search.ray_executor import check_ray_options
+        from lensnas.search.ray_executor import check_ray_options
 
         check_ray_options(**executor_options)  # before anything runs, even on a finished study
     if not isinstance(spec, StudySpec):
@@ -86,7 +85,7 @@ def launch(
             "console": console,
         }
         if executor == "ray":  # Ray workers choose their device on their node
-            from search.ray_executor import run_ray
+            from lensnas.search.ray_executor import run_ray
 
             failures = run_ray(spec, study, objective, storage_url=url, **common, **executor_options)
         else:

@@ -15,13 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from search.spec import StudySpec
-from search.storage import claim_lock
-from search.study import (
+from lensnas.search.spec import StudySpec
+from lensnas.search.storage import claim_lock
+from lensnas.search.study import (
     FAIL_REASON,
     FINISHED,
     StopAfterFailures,
@@ -30,6 +26,9 @@ from search.study import (
     finished_count,
     mark_worker,
 )
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 WAIT_SECONDS = 2.0
 

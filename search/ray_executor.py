@@ -2,8 +2,8 @@
 
 Each Ray trial (a worker process) opens the study's storage, loads the study with its sampler
 (seeded apart per Ray trial) and pruner, claims one Optuna trial exactly as the local executor
-does (:mod:`search.local`: under the claim lock, only while the study needs more) and runs it
-through :func:`search.study.evaluate`, then tells COMPLETE, PRUNED or FAIL (with its
+does (:mod:`lensnas.search.local`: under the claim lock, only while the study needs more) and runs it
+through :func:`lensnas.search.study.evaluate`, then tells COMPLETE, PRUNED or FAIL (with its
 ``fail_reason``). So each trial appears in the study as it runs (RUNNING, with heartbeats), the
 study's pruner decides pruning, and the study stays resumable by either executor.
 
@@ -42,24 +42,23 @@ from typing import Any
 import numpy as np
 import optuna
 import ray
-from optuna.trial import TrialState
-from ray import tune
-from ray.tune.search import Searcher
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy.engine import make_url
-
-from search.local import WAIT_SECONDS, claim_trial, run_claimed_trial
-from search.samplers import make_pruner, make_sampler
-from search.spec import SpecError, StudySpec
-from search.storage import open_storage, redact
-from search.study import (
+from lensnas.search.local import WAIT_SECONDS, claim_trial, run_claimed_trial
+from lensnas.search.samplers import make_pruner, make_sampler
+from lensnas.search.spec import SpecError, StudySpec
+from lensnas.search.storage import open_storage, redact
+from lensnas.search.study import (
     FAIL_REASON,
     FINISHED,
     StopAfterFailures,
     fail_abandoned_trials,
     finished_count,
 )
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search import Searcher
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.engine import make_url
 
 RUN_ATTR = "ray_run"
 RAY_TRIAL_ATTR = "ray_trial_id"

@@ -24,14 +24,13 @@ import optuna
 import plotly.graph_objects as go
 import plotly.io
 import plotly.offline
+from lensnas.objectives.diagnostics import FIGURE
+from lensnas.objectives.shear_data import GalaxySimulation
+from lensnas.objectives.shear_metrics import NOISE_PREFIX, noise_prefix
+from lensnas.search.artifacts import artifact_store, read_trial_artifact
+from lensnas.search.summary import best_trials, format_params, format_value, summary_columns
 from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
-
-from objectives.diagnostics import FIGURE
-from objectives.shear_data import GalaxySimulation
-from objectives.shear_metrics import NOISE_PREFIX, noise_prefix
-from search.artifacts import artifact_store, read_trial_artifact
-from search.summary import best_trials, format_params, format_value, summary_columns
 
 TOP_TRIALS = 10
 REFERENCE_PREFIX = "ref_"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import warnings
 
 import optuna
-
-from search.spec import StudySpec
+from lensnas.search.spec import StudySpec
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from objectives import OBJECTIVES, objective_class
-from spaces import Dimension, SpaceError, parse_space
-from spaces.dimensions import closest, parse_dimension
+from lensnas.objectives import OBJECTIVES, objective_class
+from lensnas.spaces import Dimension, SpaceError, parse_space
+from lensnas.spaces.dimensions import closest, parse_dimension
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2", "grid")
 PRUNERS = ("none", "median", "hyperband")

@@ -17,14 +17,13 @@ from typing import Any
 
 import numpy as np
 import optuna
+from lensnas.objectives.base import TrialPruned
+from lensnas.search.artifacts import store_trial_artifacts
+from lensnas.search.samplers import make_pruner, make_sampler
+from lensnas.search.spec import SpecError, StudySpec
+from lensnas.spaces.dimensions import admits, suggest
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
-
-from objectives.base import TrialPruned
-from search.artifacts import store_trial_artifacts
-from search.samplers import make_pruner, make_sampler
-from search.spec import SpecError, StudySpec
-from spaces.dimensions import admits, suggest
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FAIL_REASON = "fail_reason"
@@ -77,7 +76,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.
 
 def enqueue_presets(spec: StudySpec, study: optuna.Study) -> list[str]:
     """Enqueue each listed preset the space admits; returns the names enqueued."""
-    from objectives import objective_class
+    from lensnas.objectives import objective_class
 
     family = objective_class(spec.objective).family
     searched = [d for d in spec.space if d.searched]

@@ -8,11 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import optuna
+from lensnas.search.study import FAIL_REASON
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
-
-from search.study import FAIL_REASON
 
 
 def format_value(value: Any, error: Any = None) -> str:
@@ -87,7 +86,7 @@ def trial_table(trials: Sequence[FrozenTrial], columns: Sequence[str], title: st
 
 def summary_columns(study: optuna.Study) -> tuple[str, ...]:
     """The columns its objective wants shown, plus the study's metrics."""
-    from objectives import objective_class
+    from lensnas.objectives import objective_class
 
     metrics = tuple(study.user_attrs.get("metrics", ()))
     try:

@@ -1,10 +1,10 @@
 """Search spaces: declarative dimensions and the model families they build."""
 
-from spaces.dimensions import Dimension, SpaceError, parse_space, suggest
-from spaces.family import Family
-from spaces.loading import ArchitectureError, load
-from spaces.shear_cnn import SHEAR_CNN
-from spaces.sr_net import SR_NET
+from lensnas.spaces.dimensions import Dimension, SpaceError, parse_space, suggest
+from lensnas.spaces.family import Family
+from lensnas.spaces.loading import ArchitectureError, load
+from lensnas.spaces.shear_cnn import SHEAR_CNN
+from lensnas.spaces.sr_net import SR_NET
 
 FAMILIES: dict[str, Family] = {SHEAR_CNN.name: SHEAR_CNN, SR_NET.name: SR_NET}
 

@@ -6,9 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lensnas.spaces.dimensions import Dimension, SpaceError, closest
 from torch import nn
-
-from spaces.dimensions import Dimension, SpaceError, closest
 
 
 @dataclass(frozen=True)

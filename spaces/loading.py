@@ -1,4 +1,4 @@
-"""Rebuild an exported network: ``spaces.load(folder)`` reads architecture.json and weights.pt.
+"""Rebuild an exported network: ``lensnas.spaces.load(folder)`` reads architecture.json and weights.pt.
 
 ``architecture.json`` holds ``family``, ``version``, ``config`` (the family's architecture
 parameters) and the keyword arguments of the family's ``build`` (shear_cnn: in_channels,
@@ -25,7 +25,7 @@ class ArchitectureError(ValueError):
 
 def read_architecture(path: str | Path) -> dict[str, Any]:
     """The architecture spec in ``path`` (a folder or its architecture.json), checked."""
-    from spaces import FAMILIES
+    from lensnas.spaces import FAMILIES
 
     path = Path(path)
     if path.is_dir():
@@ -61,7 +61,7 @@ def read_architecture(path: str | Path) -> dict[str, Any]:
 
 def build(spec: dict[str, Any], source: str | Path = "architecture") -> nn.Module:
     """The untrained network of an architecture spec (``source`` names it in errors)."""
-    from spaces import FAMILIES
+    from lensnas.spaces import FAMILIES
 
     family = FAMILIES[spec["family"]]
     missing = [key for key in family.architecture_keys if key not in spec["config"]]

@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lensnas.spaces.family import Choice, Family, Range
+from lensnas.spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
 from torch import nn
-
-from spaces.family import Choice, Family, Range
-from spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
 
 POOLINGS = ("max", "avg", "conv", "none")
 HEADS = ("gap", "dense")

@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lensnas.spaces.family import Choice, Family, Range
+from lensnas.spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
+from lensnas.spaces.shear_cnn import TRAINING_RULES
 from torch import nn
-
-from spaces.family import Choice, Family, Range
-from spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
-from spaces.shear_cnn import TRAINING_RULES
 
 BACKBONES = ("resnet", "srcnn", "fsrcnn")
 UPSAMPLERS = ("pixel_shuffle", "transposed", "interpolate")

@@ -6,8 +6,7 @@ import multiprocessing
 import time
 
 import numpy as np
-
-from objectives.cache import cached_arrays, config_hash, entry_path, load_entry
+from lensnas.objectives.cache import cached_arrays, config_hash, entry_path, load_entry
 
 
 def _build_slowly(marker_dir: str):

@@ -14,8 +14,8 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from lensnas.search.artifacts import trial_artifact_ids
 
-from search.artifacts import trial_artifact_ids
 from tests.test_export import TinyStudy, tiny_shear_study
 
 START_SECONDS = 60
@@ -59,7 +59,7 @@ def server(shear, tmp_path_factory) -> Iterator[tuple[str, str]]:
             [
                 sys.executable,
                 "-m",
-                "search.cli",
+                "lensnas.search.cli",
                 "dashboard",
                 "--storage",
                 shear.url,

@@ -13,18 +13,18 @@ import onnxruntime
 import optuna
 import pytest
 import torch
+from lensnas import spaces
+from lensnas.objectives.shear_metrics import rmse
+from lensnas.objectives.training import predict
+from lensnas.search import launch
+from lensnas.search.artifacts import artifact_store, trial_artifact_ids
+from lensnas.search.cli import main
+from lensnas.search.export import study_objective
+from lensnas.search.report import build_report
+from lensnas.search.summary import best_trials
+from lensnas.spaces.loading import ArchitectureError
 from optuna.trial import TrialState
 
-import spaces
-from objectives.shear_metrics import rmse
-from objectives.training import predict
-from search import launch
-from search.artifacts import artifact_store, trial_artifact_ids
-from search.cli import main
-from search.export import study_objective
-from search.report import build_report
-from search.summary import best_trials
-from spaces.loading import ArchitectureError
 from tests.conftest import write_tiny_shear_study
 
 # torch.jit.load warns that TorchScript is deprecated; loading it is what these tests check.

@@ -10,10 +10,10 @@ import numpy as np
 import optuna
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lensnas.objectives.sr_data import folder_dataset
+from lensnas.search.cli import main
+from lensnas.spaces.dimensions import SpaceError
 
-from objectives.sr_data import folder_dataset
-from search.cli import main
-from spaces.dimensions import SpaceError
 from tests.conftest import write_tiny_shear_study
 
 

@@ -14,12 +14,12 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from lensnas.objectives.base import LocalContext, TrialFailed
+from lensnas.objectives.training import train_model
+from lensnas.search import launch
+from lensnas.search.cli import main
 from optuna.trial import TrialState
 
-from objectives.base import LocalContext, TrialFailed
-from objectives.training import train_model
-from search import launch
-from search.cli import main
 from tests.conftest import in_ci, write_tiny_shear_study
 
 METRIC_KEYS = {"rmse", "rmse_g1", "rmse_g2", "m1", "m1_err", "m2", "m2_err", "c1", "c1_err",
@@ -103,7 +103,7 @@ def test_non_finite_loss_fails_the_trial_with_its_reason():
 def test_ctrl_c_mid_trial_leaves_no_running_trial(tmp_path, stop):
     study_file = write_tiny_shear_study(tmp_path, n_trials=2, epochs=400)
     storage = f"sqlite:///{tmp_path}/lensnas.db"
-    command = [sys.executable, "-m", "search.cli", "launch", str(study_file), "--storage", storage, "--quiet"]
+    command = [sys.executable, "-m", "lensnas.search.cli", "launch", str(study_file), "--storage", storage, "--quiet"]
     process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": os.getcwd()})
     deadline = time.time() + 300

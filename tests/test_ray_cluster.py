@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lensnas.search.cli import main
 from optuna.trial import TrialState
 
-from search.cli import main
 from tests.ray_fixtures import load, write_ray_study
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def _launch(folder: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "search.cli", "launch", *args]
+    command = [sys.executable, "-m", "lensnas.search.cli", "launch", *args]
     env = {**env, "PYTHONPATH": str(REPOSITORY)}
     return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=400,
                           check=False)

@@ -13,21 +13,20 @@ import logging
 import galsim
 import numpy as np
 import pytest
-from rich.console import Console
-
-from objectives import ngmix_backend
-from objectives.cache import entry_path
-from objectives.hsm import distortion_to_shear
-from objectives.metacal import MetacalKernel, resolve_fix_noise
-from objectives.reference import (
+from lensnas.objectives import ngmix_backend
+from lensnas.objectives.cache import entry_path
+from lensnas.objectives.hsm import distortion_to_shear
+from lensnas.objectives.metacal import MetacalKernel, resolve_fix_noise
+from lensnas.objectives.reference import (
     cached_measure,
     estimator_settings,
     measure,
     reference_config,
 )
-from objectives.shear_data import metacal_benchmark_simulation, simulate_split
-from objectives.shear_metrics import linear_bias, rmse
-from search.baseline import baseline_rows, print_baseline
+from lensnas.objectives.shear_data import metacal_benchmark_simulation, simulate_split
+from lensnas.objectives.shear_metrics import linear_bias, rmse
+from lensnas.search.baseline import baseline_rows, print_baseline
+from rich.console import Console
 
 NGMIX_RMSE = 4.7e-4
 COUNT = 600

@@ -31,7 +31,7 @@ def _fast_study(folder: Path, name: str, n_trials: int) -> Path:
 
 
 def _launch_command(study_file: Path, storage: str) -> list[str]:
-    return [sys.executable, "-m", "search.cli", "launch", str(study_file), "--storage", storage, "--quiet"]
+    return [sys.executable, "-m", "lensnas.search.cli", "launch", str(study_file), "--storage", storage, "--quiet"]
 
 
 def _env() -> dict[str, str]:

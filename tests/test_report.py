@@ -7,9 +7,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from lensnas.search.report import build_report, reference_metrics, write_report
+from lensnas.search.summary import best_trials
 
-from search.report import build_report, reference_metrics, write_report
-from search.summary import best_trials
 from tests.test_export import TinyStudy, tiny_shear_study
 
 REMOTE = re.compile(
@@ -25,7 +25,7 @@ def shear(tmp_path_factory) -> TinyStudy:
 @pytest.fixture(scope="module")
 def report(shear, tmp_path_factory) -> str:
     """``lensnas report tiny5`` with the default output name, run in a fresh folder."""
-    from search.cli import main
+    from lensnas.search.cli import main
 
     workdir = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as patch:

@@ -6,10 +6,9 @@ import logging
 
 import numpy as np
 import pytest
-
-from objectives.shear import ShearObjective
-from objectives.shear_data import GalaxySimulation, simulate, simulate_test_at_noise
-from spaces.dimensions import SpaceError
+from lensnas.objectives.shear import ShearObjective
+from lensnas.objectives.shear_data import GalaxySimulation, simulate, simulate_test_at_noise
+from lensnas.spaces.dimensions import SpaceError
 
 SMALL = GalaxySimulation(stamp_size=21, pixel_scale=0.2, half_light_radius_min=0.3,
                          half_light_radius_max=0.7, noise_sigma=1e-4)

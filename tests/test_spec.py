@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from lensnas.search.spec import SpecError, load_spec
 
-from search.spec import SpecError, load_spec
 from tests.conftest import write_tiny_shear_study
 
 
@@ -117,7 +117,7 @@ def test_missing_file(tmp_path):
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
-    from search.cli import main
+    from lensnas.search.cli import main
 
     path = _spec_with(tmp_path, 'sampler = "tpe"', 'sampler = "bayes"')
     assert main(["launch", str(path), "--storage", f"sqlite:///{tmp_path}/x.db"]) == 2

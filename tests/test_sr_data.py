@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from objectives.sr import SRObjective
-from objectives.sr_data import (
+from lensnas.objectives.sr import SRObjective
+from lensnas.objectives.sr_data import (
     POPULATION_DEFAULTS,
     LensSimulator,
     folder_dataset,
@@ -18,7 +17,7 @@ from objectives.sr_data import (
     simulation_config,
     split_rng,
 )
-from spaces.dimensions import SpaceError
+from lensnas.spaces.dimensions import SpaceError
 
 COUNTS = {"train": 6, "validation": 3, "test": 3}
 

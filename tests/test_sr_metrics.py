@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-from objectives.sr_data import (
+from lensnas.objectives.sr_data import (
     POPULATION_DEFAULTS,
     LensSimulator,
     normalize_per_image,
     simulation_config,
 )
-from objectives.sr_metrics import (
+from lensnas.objectives.sr_metrics import (
     CharbonnierLoss,
     SSIML1Loss,
     TrainValidationLoss,
@@ -27,6 +25,7 @@ from objectives.sr_metrics import (
     ssim_per_image,
     torch_ssim,
 )
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 TOLERANCE = 1e-4
 

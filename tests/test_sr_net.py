@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from spaces import FAMILIES, SpaceError, parse_space
-from spaces.sr_net import BACKBONES, SR_NET, UPSAMPLERS, transposed_conv
+from lensnas.spaces import FAMILIES, SpaceError, parse_space
+from lensnas.spaces.sr_net import BACKBONES, SR_NET, UPSAMPLERS, transposed_conv
 
 SIZES = [75, 64]
 

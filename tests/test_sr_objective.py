@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from objectives import objective_class
-from objectives.base import LocalContext, TrialPruned
-from objectives.sr import SRObjective
-from objectives.training import predict
-from spaces.dimensions import admits
+from lensnas.objectives import objective_class
+from lensnas.objectives.base import LocalContext, TrialPruned
+from lensnas.objectives.sr import SRObjective
+from lensnas.objectives.training import predict
+from lensnas.spaces.dimensions import admits
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 TINY_DATA = {"n_train": 16, "n_validation": 4, "n_test": 4, "lr_size": 16, "lr_pixel_scale": 0.2}
@@ -156,7 +155,7 @@ def test_folder_source_through_the_objective(tmp_path):
 
 @pytest.mark.parametrize("study", ["sr_quickstart.toml", "sr_lensing.toml"])
 def test_study_files_load_and_admit_their_presets(study):
-    from search.spec import load_spec
+    from lensnas.search.spec import load_spec
 
     spec = load_spec(STUDIES / study)
     assert spec.objective == "sr" and spec.metrics == ("psnr_gain",)

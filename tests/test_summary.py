@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import optuna
+from lensnas.search.summary import best_trials
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
-
-from search.summary import best_trials
 
 
 def _study(directions: list[str], values: list[list[float]]) -> optuna.Study:
