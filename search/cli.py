@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="table of the trials of a study")
     status.add_argument("study_name")
     _storage_argument(status)
+    status_format = status.add_mutually_exclusive_group()
+    status_format.add_argument(
+        "--wide", action="store_true", help="every column, however wide (default: fit the terminal)"
+    )
+    status_format.add_argument(
+        "--json", action="store_true",
+        help="JSON for scripts: each trial's number, state, values, params and metrics",
+    )
 
     baseline = commands.add_parser("baseline", help="reference estimators on a shear study's test set")
     baseline.add_argument("study_file")
@@ -109,9 +117,13 @@ def load_study(name: str, storage_url: str | None) -> optuna.Study:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from lensnas.search.summary import output_console, print_status
+    from lensnas.search.summary import output_console, print_status, status_json
 
-    print_status(load_study(args.study_name, args.storage), output_console())
+    study = load_study(args.study_name, args.storage)
+    if args.json:
+        print(status_json(study))
+    else:
+        print_status(study, output_console(), wide=args.wide)
     return 0
 
 

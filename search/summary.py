@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import html
+import json
 import math
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +30,10 @@ def format_value(value: Any, error: Any = None) -> str:
 
 
 def format_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={format_value(v) if isinstance(v, float) else v}" for k, v in params.items())
+    """Parameters as ``name=value`` separated by spaces."""
+    return " ".join(
+        f"{k}={format_value(v) if isinstance(v, float) else v}" for k, v in params.items()
+    )
 
 
 def output_console() -> Console:
@@ -59,29 +65,182 @@ def _dominates(a: list[float], b: list[float]) -> bool:
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
 
-def trial_table(trials: Sequence[FrozenTrial], columns: Sequence[str], title: str) -> Table:
-    """One row per trial: number, state, duration, metrics (with ± errors), params."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("trial", justify="right", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    table.add_column("seconds", justify="right", no_wrap=True)
-    for column in columns:
-        table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("params / reason", overflow="fold")
+PARAMS_MIN_WIDTH = 24  # the compact table keeps at least this much for params
+REASON_MAX = 60  # characters of a failure reason in the compact table
+NOT_METRICS = ("seed", "epochs_run")  # numeric user attributes that are not metrics
+
+
+def compact_value(value: Any, error: Any = None) -> str:
+    """A metric in few characters: ``-0.00703±0.0021``, ``1.15e-5``, ``12345``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "" if value is None else str(value)
+    text = _short_number(value, 3)
+    if isinstance(error, (int, float)) and not isinstance(error, bool) and math.isfinite(error):
+        text += "±" + _short_number(error, 2)
+    return text
+
+
+def _short_number(value: float, digits: int) -> str:
+    """``value`` in %g, or in scientific notation where that is 2+ characters shorter."""
+    if isinstance(value, int) or not math.isfinite(value):
+        return str(value)
+    general = _tidy_exponent(f"{value:.{digits}g}")
+    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    scientific = _tidy_exponent(f"{mantissa}e{exponent}")
+    return scientific if len(scientific) <= len(general) - 2 else general
+
+
+def _tidy_exponent(text: str) -> str:
+    """``1e-05`` -> ``1e-5``, ``1e+04`` -> ``1e4``."""
+    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m[1] == "-" else "") + m[2], text)
+
+
+def shorten(text: str, limit: int) -> str:
+    """The first line of ``text``, cut to ``limit`` characters with an ellipsis."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def trial_header(columns: Sequence[str], wide: bool = True) -> list[str]:
+    """Header of :func:`trial_rows`: trial, state, (seconds,) metrics, params / reason."""
+    return ["trial", "state", *(["seconds"] if wide else []), *columns, "params / reason"]
+
+
+def trial_rows(
+    trials: Sequence[FrozenTrial], columns: Sequence[str], wide: bool = True
+) -> list[list[str]]:
+    """One row of text cells per trial (see :func:`trial_header`).
+
+    ``wide``: every parameter, the full failure reason and metrics as ``1.23e-03 ± 4.0e-04``;
+    otherwise compact metrics, only the parameters that differ between ``trials`` and the
+    first line of a failure reason, shortened.
+    """
+    varying = _varying_params(trials)
+    rows = []
     for trial in trials:
         attrs = trial.user_attrs
-        duration = trial.duration.total_seconds() if trial.duration else None
-        cells = [format_value(attrs.get(c), attrs.get(f"{c}_err")) for c in columns]
-        detail = format_params(trial.params)
+        row = [str(trial.number), trial.state.name]
+        if wide:
+            duration = trial.duration.total_seconds() if trial.duration else None
+            row.append("" if duration is None else f"{duration:.1f}")
+            row += [format_value(attrs.get(c), attrs.get(f"{c}_err")) for c in columns]
+            params = trial.params
+        else:
+            row += [compact_value(attrs.get(c), attrs.get(f"{c}_err")) for c in columns]
+            params = {k: v for k, v in trial.params.items() if k in varying}
+        detail = format_params(params) if wide else _compact_params(params)
         if "preset" in attrs:
-            detail = f"(preset {attrs['preset']}) {detail}"
+            detail = f"(preset {attrs['preset']}) {detail}".strip()
         if trial.state == TrialState.FAIL and FAIL_REASON in attrs:
-            detail = f"{attrs[FAIL_REASON]} | {detail}"
-        table.add_row(
-            str(trial.number), trial.state.name,
-            "" if duration is None else f"{duration:.1f}", *cells, detail,
-        )
+            reason = str(attrs[FAIL_REASON])
+            detail = f"{reason if wide else shorten(reason, REASON_MAX)} | {detail}".strip(" |")
+        rows.append([*row, detail])
+    return rows
+
+
+def _varying_params(trials: Sequence[FrozenTrial]) -> set[str]:
+    """Names of the parameters whose value is not the same in every trial (all when one trial)."""
+    names = {name for trial in trials for name in trial.params}
+    if len(trials) < 2:
+        return names
+    missing = object()
+    return {
+        name for name in names
+        if len({repr(t.params.get(name, missing)) for t in trials}) > 1
+    }
+
+
+def _compact_params(params: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k}={_short_number(v, 3) if isinstance(v, float) else v}" for k, v in params.items()
+    )
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table (``|`` escaped, line breaks as spaces), ending in a newline."""
+
+    def cell(text: str) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def html_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str | None = None
+) -> str:
+    """An HTML ``<table>`` with a ``<thead>`` and HTML-escaped cells."""
+    attribute = f' id="{html.escape(table_id)}"' if table_id else ""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table{attribute}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def fit_columns(
+    trials: Sequence[FrozenTrial], required: Sequence[str], optional: Sequence[str], width: int
+) -> tuple[list[str], list[str]]:
+    """(shown, left out): every ``required`` column, then ``optional`` ones in order while the
+    compact table still fits ``width`` with room for params (all-empty ones are skipped)."""
+    def column_width(name: str) -> int:
+        cells = trial_rows(trials, [name], wide=False)
+        return max([len(name), *(len(row[2]) for row in cells)])
+
+    shown = list(dict.fromkeys(required))
+    used = 1 + (max([5, *(len(str(t.number)) for t in trials)]) + 3) + (8 + 3)
+    used += sum(column_width(name) + 3 for name in shown)
+    left_out = []
+    for name in dict.fromkeys(optional):
+        if name in shown:
+            continue
+        if not any(t.user_attrs.get(name) is not None for t in trials):
+            continue
+        needed = column_width(name) + 3
+        if not left_out and used + needed + PARAMS_MIN_WIDTH + 3 <= width:
+            shown.append(name)
+            used += needed
+        else:  # the first that does not fit ends the list: columns keep their priority
+            left_out.append(name)
+    return shown, left_out
+
+
+def trial_table(
+    trials: Sequence[FrozenTrial], columns: Sequence[str], title: str, wide: bool = True,
+    caption: str | None = None,
+) -> Table:
+    """The rows of :func:`trial_rows` as a rich table; trial, state and metrics never wrap."""
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    header = trial_header(columns, wide)
+    for index, name in enumerate(header):
+        if index == len(header) - 1:
+            table.add_column(name, overflow="fold", min_width=min(PARAMS_MIN_WIDTH, 12))
+        else:
+            table.add_column(name, justify="left" if name == "state" else "right", no_wrap=True)
+    for row in trial_rows(trials, columns, wide):
+        table.add_row(*row)
     return table
+
+
+def _fitted_table(
+    study: optuna.Study, trials: Sequence[FrozenTrial], title: str, console: Console, wide: bool
+) -> Table:
+    """The wide table, or the compact one whose columns fit the console's width."""
+    if wide:
+        return trial_table(trials, summary_columns(study), title, wide=True)
+    metrics = tuple(study.user_attrs.get("metrics", ()))
+    shown, left_out = fit_columns(trials, metrics, summary_columns(study), console.width)
+    caption = None
+    if left_out:
+        caption = (
+            f"not shown: {', '.join(left_out)}, seconds "
+            f"(all columns: lensnas status {study.study_name} --wide)"
+        )
+    return trial_table(trials, shown, title, wide=False, caption=caption)
 
 
 def summary_columns(study: optuna.Study) -> tuple[str, ...]:
@@ -96,21 +255,54 @@ def summary_columns(study: optuna.Study) -> tuple[str, ...]:
     return columns + tuple(m for m in metrics if m not in columns)
 
 
-def print_best(study: optuna.Study, console: Console, top: int = 5) -> None:
-    """Print the best trials of ``study``."""
+def print_best(study: optuna.Study, console: Console, top: int = 5, wide: bool = False) -> None:
+    """Print the best trials of ``study`` (``wide``: every column, else fitted to the console)."""
     trials = best_trials(study, top)
     if not trials:
         console.print(f"study {study.study_name}: no completed trial yet")
         return
     title = f"{study.study_name}: best {len(trials)} of {len(study.trials)} trials"
-    console.print(trial_table(trials, summary_columns(study), title))
+    console.print(_fitted_table(study, trials, title, console, wide))
 
 
-def print_status(study: optuna.Study, console: Console) -> None:
-    """Print every trial of ``study`` and a count per state."""
+def print_status(study: optuna.Study, console: Console, wide: bool = False) -> None:
+    """Print every trial of ``study`` and a count per state (``wide``: every column)."""
     trials = study.get_trials(deepcopy=False)
     counts = {}
     for trial in trials:
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
     title = f"{study.study_name}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-    console.print(trial_table(trials, summary_columns(study), title or study.study_name))
+    console.print(_fitted_table(study, trials, title or study.study_name, console, wide))
+
+
+def status_json(study: optuna.Study) -> str:
+    """Every trial of ``study`` as JSON: number, state, values, params, metrics, preset, reason."""
+    trials = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        trials.append({
+            "number": trial.number,
+            "state": trial.state.name,
+            "values": None if trial.values is None else [_json_number(v) for v in trial.values],
+            "params": {k: _json_number(v) for k, v in trial.params.items()},
+            "metrics": {
+                key: _json_number(value) for key, value in attrs.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+                and key not in NOT_METRICS
+            },
+            "preset": attrs.get("preset"),
+            "fail_reason": attrs.get(FAIL_REASON),
+            "seconds": trial.duration.total_seconds() if trial.duration else None,
+        })
+    document = {
+        "study": study.study_name,
+        "metrics": list(study.user_attrs.get("metrics", ())),
+        "directions": [d.name.lower() for d in study.directions],
+        "trials": trials,
+    }
+    return json.dumps(document, indent=2, allow_nan=False)
+
+
+def _json_number(value: Any) -> Any:
+    """``value``, with NaN and infinities as None (JSON has none)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
