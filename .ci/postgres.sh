@@ -67,7 +67,7 @@ _lensnas_postgres() (
     if [ "$(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = '$database'")" != 1 ]; then
         psql_admin -c "CREATE DATABASE $database OWNER $role" >&2
     fi
-    echo "postgresql+psycopg2://$role:$password@127.0.0.1:$port/$database"
+    echo "postgresql://$role:$password@127.0.0.1:$port/$database"
 )
 
 if [ "${BASH_SOURCE[0]}" != "$0" ]; then  # sourced

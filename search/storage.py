@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -17,6 +18,15 @@ from sqlalchemy.engine import URL, make_url
 DEFAULT_STORAGE = "sqlite:///lensnas.db"
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 90
+# How to install the Python driver SQLAlchemy wants for a URL scheme (postgresql:// is psycopg 3).
+DRIVER_INSTALL = {
+    "psycopg": "install the postgres extra: pip install -e '.[postgres]' in the lensnas clone "
+               "(or pip install 'psycopg[binary]')",
+    "psycopg2": "pip install psycopg2-binary (or use postgresql:// with the postgres extra)",
+    "pg8000": "pip install pg8000",
+    "mysqldb": "pip install mysqlclient (or use mysql+pymysql:// with pip install pymysql)",
+    "pymysql": "pip install pymysql",
+}
 
 
 class StorageError(RuntimeError):
@@ -44,9 +54,44 @@ def sqlite_path(url: str) -> Path | None:
 def redact(url: str) -> str:
     """The URL with any password replaced by ***."""
     parsed = parse_url(url)
-    if parsed is None:  # too malformed to parse: show only its scheme
-        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+    if parsed is None:  # not parseable: mask whatever stands between "user:" and the last "@"
+        return re.sub(r"^((?:[^:/@]*://)?[^:/@]*):.*@", r"\1:***@", url, flags=re.DOTALL)
     return parsed.render_as_string(hide_password=True)
+
+
+def _not_a_url(url: str) -> str:
+    """Why ``url`` is not a SQLAlchemy URL, with what is allowed (one line)."""
+    shown = redact(url)
+    name = url.strip()
+    if name and name.isprintable() and not any(mark in name for mark in (":", "@")):  # a file name
+        return (
+            f"storage URL {shown!r} has no scheme: did you mean sqlite:///{name}? "
+            "(a SQLAlchemy URL: sqlite:///FILE or postgresql://user:password@host/db)"
+        )
+    return (
+        f"storage URL {shown!r} is not a valid SQLAlchemy URL "
+        "(e.g. sqlite:///lensnas.db, postgresql://user:password@host/db)"
+    )
+
+
+def _check_driver(url: str, parsed: URL) -> None:
+    """Raise a one-line StorageError when the database or its Python driver is unknown/missing."""
+    try:
+        dialect = parsed.get_dialect()
+    except (sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError):
+        raise StorageError(
+            f"storage URL {redact(url)!r}: unknown database scheme {parsed.drivername!r} "
+            "(e.g. sqlite:///lensnas.db, postgresql://user:password@host/db)"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        driver = parsed.get_driver_name()
+        module = error.name or driver
+        install = DRIVER_INSTALL.get(driver, f"pip install the package of module {module!r}")
+        raise StorageError(
+            f"storage URL {redact(url)!r}: its driver {driver} is not installed; {install}"
+        ) from None
 
 
 def default_storage_url() -> str:
@@ -59,10 +104,8 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.RDBStora
     timeout; ``must_exist``: refuse to create a new SQLite file (for commands that only read)."""
     parsed = parse_url(url)
     if parsed is None:
-        raise StorageError(
-            f"storage URL {redact(url)!r} is not a valid SQLAlchemy URL "
-            "(e.g. sqlite:///lensnas.db, postgresql://user@host/db)"
-        )
+        raise StorageError(_not_a_url(url))
+    _check_driver(url, parsed)
     engine_kwargs: dict = {}
     if parsed.get_backend_name() == "sqlite":
         # Several workers on one SQLite file: wait for the lock instead of failing at once.
@@ -72,9 +115,13 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.RDBStora
                 database = sqlite_path(url).resolve()
                 folder_exists, file_exists = database.parent.is_dir(), database.is_file()
             except OSError as error:
-                raise StorageError(f"storage URL {redact(url)!r}: bad path ({error.strerror})") from None
+                raise StorageError(
+                    f"storage URL {redact(url)!r}: bad path ({error.strerror})"
+                ) from None
             if not folder_exists:
-                raise StorageError(f"storage URL {redact(url)!r}: folder {database.parent} does not exist")
+                raise StorageError(
+                    f"storage URL {redact(url)!r}: folder {database.parent} does not exist"
+                )
             if must_exist and not file_exists:
                 raise StorageError(f"storage URL {redact(url)!r}: no such database file {database}")
     else:
@@ -95,7 +142,9 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.RDBStora
             if "already exists" in reason and attempt < 4:
                 time.sleep(0.2 * (attempt + 1))
                 continue
-            raise StorageError(f"storage URL {redact(url)!r}: cannot open ({redact_text(reason, url)})") from None
+            raise StorageError(
+                f"storage URL {redact(url)!r}: cannot open ({redact_text(reason, url)})"
+            ) from None
     raise AssertionError("unreachable")
 
 

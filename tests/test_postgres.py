@@ -2,7 +2,9 @@
 
 The server is the one of ``LENSNAS_TEST_POSTGRES_URL`` when set; otherwise the test set-up starts
 a local one with ``.ci/postgres.sh`` (Debian's PostgreSQL; under CI it also installs it). Skipped
-only outside CI on a machine without PostgreSQL; under CI that is a failure.
+only outside CI on a machine without PostgreSQL; under CI that is a failure. The URLs are used as
+the README writes them, ``postgresql://user:password@host/db`` (psycopg 3, the "postgres" extra);
+``postgresql+psycopg2://`` works too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import optuna
 import pytest
 from lensnas.search.cli import main
 from lensnas.search.study import trial_seed
@@ -37,10 +40,13 @@ def postgres_url() -> str:
         started = subprocess.run(["bash", str(POSTGRES_SCRIPT)], capture_output=True, text=True,
                                  timeout=600, check=False)
         if started.returncode != 0:
-            pytest.fail(f"{POSTGRES_SCRIPT} could not start PostgreSQL: {started.stderr.strip()[-2000:]}")
+            reason = started.stderr.strip()[-2000:]
+            pytest.fail(f"{POSTGRES_SCRIPT} could not start PostgreSQL: {reason}")
         url = started.stdout.strip().removeprefix("export LENSNAS_TEST_POSTGRES_URL=")
-    assert make_url(url).password, "the test URL must hold a password (to check it is never shown)"
-    return url
+    parsed = make_url(url)
+    assert parsed.password, "the test URL must hold a password (to check it is never shown)"
+    # the scheme as the README writes it, whatever driver the given URL named
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def test_ray_study_on_postgres_with_two_trials_at_a_time(
@@ -55,7 +61,7 @@ def test_ray_study_on_postgres_with_two_trials_at_a_time(
     assert main([*args, "--max-concurrent", "2"]) == 0
     out, err = capsys.readouterr()
     assert password not in out + err
-    assert f"study {name} in postgresql+psycopg2://lensnas:***@" in err
+    assert f"study {name} in postgresql://{make_url(postgres_url).username}:***@" in err
 
     study = load(postgres_url, name)
     first, second = study.trials
@@ -77,7 +83,8 @@ def test_ray_study_on_postgres_with_two_trials_at_a_time(
     # what the other commands print or write never holds the password either
     assert main(["status", name, "--storage", postgres_url]) == 0
     assert main(["report", name, "--storage", postgres_url, "-o", str(tmp_path / "r.html")]) == 0
-    assert main(["export", name, "--storage", postgres_url, "--top", "1", "-o", str(tmp_path / "best")]) == 0
+    best = str(tmp_path / "best")
+    assert main(["export", name, "--storage", postgres_url, "--top", "1", "-o", best]) == 0
     out, err = capsys.readouterr()
     assert password not in out + err
     assert password not in (tmp_path / "r.html").read_text()
@@ -94,3 +101,16 @@ def test_wrong_postgres_password_is_one_line_without_it(postgres_url, tmp_path, 
     out, err = capsys.readouterr()
     assert "not-the-password-42" not in out + err
     assert err.count("\n") == 1 and "cannot open" in err and "***" in err
+
+
+def test_psycopg2_urls_open_the_same_database(postgres_url):
+    from lensnas.search.storage import open_storage
+
+    name = f"pg2-{uuid.uuid4().hex[:8]}"
+    psycopg2_url = make_url(postgres_url).set(drivername="postgresql+psycopg2")
+    optuna.create_study(
+        study_name=name, storage=open_storage(psycopg2_url.render_as_string(hide_password=False))
+    )
+    summaries = optuna.get_all_study_summaries(open_storage(postgres_url))
+    assert name in [s.study_name for s in summaries]
+    optuna.delete_study(study_name=name, storage=open_storage(postgres_url))
