@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import sys
-from typing import TextIO
+from typing import Any, TextIO
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from lensnas.search.artifacts import artifact_store
 from lensnas.search.spec import SpecError
@@ -23,23 +25,52 @@ def dashboard_url(host: str, port: int) -> str:
 def serve(
     storage_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, out: TextIO | None = None
 ) -> None:
-    """Serve optuna-dashboard for ``storage_url`` (blocks until interrupted); prints the URL."""
-    from optuna_dashboard import run_server
+    """Serve optuna-dashboard for ``storage_url`` (blocks until interrupted); prints the URL.
+
+    The storage must exist already (a misspelled SQLite file is refused, not created) and the
+    port is bound before anything is printed, so a busy port is one error line.
+    """
+    from optuna_dashboard import wsgi
 
     if not 0 <= port <= 65535:
         raise SpecError(f"--port: must be 0-65535 (0: any free port), got {port}")
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, must_exist=True)
     store = artifact_store(storage_url)
-    out = out or sys.stdout
-    print(
-        f"lensnas dashboard: {redact(storage_url)} (artifacts in {artifact_root(storage_url)}) at "
-        f"{dashboard_url(host, port)} (Ctrl-C to stop)",
-        file=out,
-        flush=True,
-    )
     try:
-        run_server(storage, host=host, port=port, artifact_store=store)
+        server = make_server(host, port, wsgi(storage, artifact_store=store))
     except OSError as error:
         raise SpecError(
-            f"--port: cannot listen on {host}:{port} ({error.strerror or error})"
+            f"--host {host} --port {port}: cannot listen ({error.strerror or error}); "
+            "choose another --port (0: any free port) or --host"
         ) from None
+    out = out or sys.stdout
+    with server:
+        print(
+            f"lensnas dashboard: {redact(storage_url)} (artifacts in {artifact_root(storage_url)}) "
+            f"at {dashboard_url(host, server.server_port)} (Ctrl-C to stop)",
+            file=out,
+            flush=True,
+        )
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:  # Ctrl-C: the normal way to stop it
+            print("lensnas dashboard: stopped", file=out, flush=True)
+
+
+class _Handler(WSGIRequestHandler):
+    """Request handler that logs without reverse DNS look-ups of clients."""
+
+    def address_string(self) -> str:
+        return str(self.client_address[0])
+
+
+class _IPv6Server(WSGIServer):
+    address_family = socket.AF_INET6
+
+
+def make_server(host: str, port: int, app: Any, handler_class: type = _Handler) -> WSGIServer:
+    """A bound wsgiref server for ``app`` (IPv6 when ``host`` is an IPv6 address)."""
+    server_class = _IPv6Server if ":" in host else WSGIServer
+    server = server_class((host.strip("[]"), port), handler_class)
+    server.set_app(app)
+    return server

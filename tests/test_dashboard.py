@@ -13,8 +13,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
+import optuna
 import pytest
 from lensnas.search.artifacts import trial_artifact_ids
+from lensnas.search.cli import main
 
 from tests.test_export import TinyStudy, tiny_shear_study
 
@@ -130,3 +132,24 @@ def test_dashboard_page_renders_the_study_name_in_chromium(server, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tiny5" in result.stdout, result.stdout[-2000:]
+
+
+def test_dashboard_refuses_a_sqlite_file_that_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "misspelled.db"
+    assert main(["dashboard", "--storage", f"sqlite:///{missing}", "--port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and f"no such database file {missing}" in err
+    assert not missing.exists()  # not created empty
+
+
+def test_a_busy_port_is_one_line_without_a_banner(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="s", storage=storage)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["dashboard", "--storage", storage, "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert f"--port {port}: cannot listen" in err and "Bottle" not in err
