@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+
+from lensnas.search.progress import TrialProgress
 from lensnas.search.spec import StudySpec
 from lensnas.search.storage import claim_lock
 from lensnas.search.study import (
@@ -23,17 +27,18 @@ from lensnas.search.study import (
     StopAfterFailures,
     evaluate,
     fail_abandoned_trials,
-    finished_count,
+    fail_trial,
+    heartbeat,
     mark_worker,
 )
-from optuna.trial import TrialState
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 WAIT_SECONDS = 2.0
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
 
 
-def claim_trial(study: optuna.Study, n_trials: int, storage_url: str) -> optuna.Trial | None | bool:
+def claim_trial(
+    study: optuna.Study, n_trials: int, storage_url: str
+) -> optuna.Trial | None | bool:
     """A new trial, False when the study is done, None when others run the last trials."""
     with claim_lock(storage_url):
         fail_abandoned_trials(study)
@@ -45,7 +50,7 @@ def claim_trial(study: optuna.Study, n_trials: int, storage_url: str) -> optuna.
         if finished + running >= n_trials:
             return None
         with warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for optimize(); run_local runs them itself.
+            # Optuna warns that heartbeats are meant for optimize(); run_claimed_trial runs them.
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = study.ask()
         mark_worker(trial)
@@ -73,14 +78,7 @@ def run_local(
     failures = StopAfterFailures(max_failures)
     console = console or Console(stderr=True)
     started = time.monotonic()
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
-        console=console, disable=quiet, transient=False,
-    ) as progress:
-        task = progress.add_task(
-            spec.name, total=spec.n_trials, completed=finished_count(study), status=_best_text(study)
-        )
+    with TrialProgress(spec.name, study, spec.n_trials, console, quiet) as progress:
         while failures.stopped_reason is None:
             if spec.timeout is not None and time.monotonic() - started > spec.timeout:
                 console.print(f"{spec.name}: timeout of {spec.timeout:g} s reached")
@@ -89,22 +87,15 @@ def run_local(
             if trial is False:
                 break
             if trial is None:
-                progress.update(task, status="waiting for trials running elsewhere")
+                progress.show("waiting for trials running elsewhere")
                 time.sleep(WAIT_SECONDS)
                 continue
-            best = _best_text(study)
-
-            def on_log(message: str, best: str = best) -> None:
-                progress.update(task, status=f"{best} | {message}")
-
-            frozen = run_claimed_trial(spec, study, objective, trial, device, artifact_root, on_log)
-            if frozen.state == TrialState.FAIL:
-                reason = frozen.user_attrs.get(FAIL_REASON, "see the log")
-                progress.console.print(f"[red]trial {frozen.number} failed:[/] {reason}", highlight=False)
+            frozen = run_claimed_trial(
+                spec, study, objective, trial, device, artifact_root, progress.show
+            )
             failures(study, frozen)
-            progress.update(
-                task, completed=finished_count(study),
-                status=f"{_best_text(study)} | trial {frozen.number} {frozen.state.name}",
+            progress.trial_finished(
+                frozen.number, frozen.state.name, frozen.user_attrs.get(FAIL_REASON)
             )
     return failures
 
@@ -113,33 +104,18 @@ def run_claimed_trial(
     spec: StudySpec, study: optuna.Study, objective: Any, trial: optuna.Trial,
     device: str, artifact_root: Path, on_log: Any,
 ) -> optuna.trial.FrozenTrial:
-    with heartbeat(study, trial):
+    """Run a claimed trial with its heartbeat and tell its state: COMPLETE, PRUNED or FAIL
+    (an error or a non-finite metric); on Ctrl-C fail it and let KeyboardInterrupt go on."""
+    with heartbeat(trial):
         try:
             values = evaluate(spec, objective, trial, device, artifact_root, on_log)
         except optuna.TrialPruned:
             return study.tell(trial, state=TrialState.PRUNED)
         except KeyboardInterrupt:
-            study.tell(trial, state=TrialState.FAIL)
+            fail_trial(study, trial.number, INTERRUPTED)
             raise
         except Exception:  # noqa: BLE001 - any error of a trial is that trial's FAIL (reason stored)
             return study.tell(trial, state=TrialState.FAIL)
     if not all(math.isfinite(v) for v in values):
         return study.tell(trial, state=TrialState.FAIL)
     return study.tell(trial, values)
-
-
-def heartbeat(study: optuna.Study, trial: optuna.Trial):
-    """Optuna's heartbeat thread for an asked trial (as study.optimize runs it), so that
-    launchers elsewhere can fail this trial if this process dies."""
-    from optuna.storages._heartbeat import get_heartbeat_thread  # no public equivalent for ask/tell
-
-    return get_heartbeat_thread(trial._trial_id, study._storage)
-
-
-def _best_text(study: optuna.Study) -> str:
-    try:
-        if len(study.directions) > 1:
-            return f"pareto front: {len(study.best_trials)} trials"
-        return f"best {study.best_value:.4g} (trial {study.best_trial.number})"
-    except ValueError:
-        return "no completed trial yet"

@@ -6,12 +6,14 @@ Shared by every executor: each turns its own trial object into a TrialContext an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,18 +215,73 @@ def fail_abandoned_trials(study: optuna.Study) -> list[int]:
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker_host, _, pid = str(trial.user_attrs.get(WORKER, "")).rpartition(":")
-        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
-            storage = study._storage
-            try:  # the reason first: a finished trial accepts no attribute
-                storage.set_trial_user_attr(trial._trial_id, FAIL_REASON, f"abandoned: process {pid} on {host} died")
-                if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                    failed.append(trial.number)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # another process finished or failed it meanwhile
+        dead = worker_host == host and pid.isdigit() and not _process_alive(int(pid))
+        if dead and fail_trial(study, trial.number, f"abandoned: process {pid} on {host} died"):
+            failed.append(trial.number)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     return failed
+
+
+def fail_trial(study: optuna.Study, number: int, reason: str) -> bool:
+    """Store ``reason`` on RUNNING trial ``number`` and set it FAIL; False if it had finished.
+
+    The one way lensnas fails a trial it is not telling the outcome of (Ctrl-C, a dead process,
+    a dead Ray worker). It writes to the storage as ``optuna.storages.fail_stale_trials`` does,
+    not through ``study.tell``: tell would run the sampler's ``after_trial``, which may call
+    ``study.stop()`` (the grid sampler), an error outside ``study.optimize``.
+    """
+    storage = storage_of(study)
+    trial_id = stored_trial_id(storage, study.study_name, number)
+    try:  # the reason first: a finished trial accepts no attribute
+        storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
+        return storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another process finished or failed it meanwhile
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage ``study`` reads and writes (the one private Optuna access of lensnas).
+
+    Optuna (4.4 to 5.0) has no public accessor for a study's storage: an asked ``optuna.Trial``
+    has ``trial.storage``, a Study only the private ``_storage``. Failing a trial that another
+    process runs needs it, to store the reason first (``study.tell`` stores no user attribute).
+    """
+    return study._storage
+
+
+def stored_trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    """The storage's id of trial ``number`` of study ``study_name`` (public storage calls)."""
+    study_id = storage.get_study_id_from_name(study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+
+@contextlib.contextmanager
+def heartbeat(trial: optuna.Trial) -> Iterator[None]:
+    """Record the heartbeat of an asked trial while inside, as ``study.optimize`` does, so that
+    other launchers can fail the trial as stale if this process dies (storages with heartbeats)."""
+    storage = trial.storage
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if interval is None:
+        yield
+        return
+    trial_id = stored_trial_id(storage, trial.study.study_name, trial.number)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(timeout=interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-trial-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def resolve_device(device: str, source: str = "training.device") -> str:
