@@ -29,7 +29,7 @@ import ray
 from lensnas.objectives import OBJECTIVES
 from lensnas.objectives.options import check_options
 from lensnas.search.local import run_local
-from lensnas.search.ray_executor import run_ray
+from lensnas.search.ray_driver import run_ray
 from lensnas.search.spec import StudySpec, load_spec
 from lensnas.search.storage import open_storage
 from lensnas.search.study import open_study

@@ -48,7 +48,7 @@ def launch(
     if max_failures < 0:
         raise SpecError(f"--max-failures: must be 0 (never stop) or more, got {max_failures}")
     if executor == "ray":
-        from lensnas.search.ray_executor import check_ray_options
+        from lensnas.search.ray_driver import check_ray_options
 
         check_ray_options(**executor_options)  # before anything runs, even on a finished study
     if not isinstance(spec, StudySpec):
@@ -85,7 +85,7 @@ def launch(
             "console": console,
         }
         if executor == "ray":  # Ray workers choose their device on their node
-            from lensnas.search.ray_executor import run_ray
+            from lensnas.search.ray_driver import run_ray
 
             failures = run_ray(spec, study, objective, storage_url=url, **common, **executor_options)
         else:
