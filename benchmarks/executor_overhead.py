@@ -26,16 +26,16 @@ from typing import Any, ClassVar
 
 import optuna
 import ray
-from lensnas.objectives import OBJECTIVES
-from lensnas.objectives.options import check_options
+from rich.console import Console
+from rich.table import Table
+
+from lensnas.objectives import Metric, Objective, ValidationScore, register_objective
 from lensnas.search.local import run_local
 from lensnas.search.ray_driver import run_ray
 from lensnas.search.spec import StudySpec, load_spec
 from lensnas.search.storage import open_storage
 from lensnas.search.study import open_study
 from lensnas.spaces.shear_cnn import SHEAR_CNN
-from rich.console import Console
-from rich.table import Table
 
 NOOP_STUDY = """
 [study]
@@ -79,41 +79,29 @@ learning_rate = {{ type = "float", low = 1e-3, high = 3e-3, log = true }}
 """
 
 
-class NoopObjective:
+class NoopObjective(Objective):
     """A trial that does almost nothing: all of its time is the executor's."""
 
     name = "noop"
     family = SHEAR_CNN
-    OPTIONS: ClassVar[dict[str, Any]] = {}
-    METRICS: ClassVar[dict[str, str]] = {"loss": "minimize"}
+    METRICS: ClassVar[dict[str, Metric]] = {"loss": Metric("minimize", "the learning rate", True)}
     DEFAULT_METRIC = "loss"
-    SUMMARY = ("loss",)
-
-    def __init__(
-        self, options: dict[str, Any], training: dict[str, Any], *, seed: int,
-        cache_dir: str | Path | None = None, progress: bool = True,
-    ):
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
-
-    @classmethod
-    def check_options(cls, table: dict[str, Any], prefix: str = "objective") -> dict[str, Any]:
-        """No options."""
-        return check_options(table, cls.OPTIONS, prefix)
+    VALIDATION_SCORE = ValidationScore("the learning rate", "minimize", "loss")
 
     def prepare(self) -> None:
         """Nothing to prepare."""
+
+    def dataset_config(self) -> dict[str, Any]:
+        """No data."""
+        return {}
 
     def run_trial(self, params: dict[str, Any], ctx: Any) -> dict[str, float]:
         """Report one intermediate value and return the learning rate as the loss."""
         ctx.report(1, float(params["learning_rate"]))
         return {"loss": float(params["learning_rate"])}
 
-    def trial_attrs(self) -> dict[str, Any]:
-        """Nothing study-wide."""
-        return {}
 
-
-OBJECTIVES["noop"] = f"{__name__}:NoopObjective"
+register_objective("noop", NoopObjective)
 
 
 def _spec(folder: Path, template: str, name: str, n_trials: int) -> StudySpec:

@@ -15,12 +15,13 @@ import argparse
 from collections.abc import Sequence
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
+
 from lensnas.objectives import ngmix_backend
 from lensnas.objectives.reference import cpu_count, is_available, measure
 from lensnas.objectives.shear_data import metacal_benchmark_simulation, simulate_split
 from lensnas.objectives.shear_metrics import linear_bias, rmse
-from rich.console import Console
-from rich.table import Table
 
 ESTIMATORS = (
     ("metacal", "metacal", {}),

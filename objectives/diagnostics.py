@@ -79,3 +79,25 @@ def sr_panels_figure(
         ax.set_yticks([])
     figure.colorbar(shown, ax=axes, shrink=0.8)
     return _save(figure, path)
+
+
+def image_panels_figure(path: str | Path, panels: dict[str, np.ndarray]) -> Path:
+    """Images side by side on one colour scale, titled by their names (e.g. noisy, denoised,
+    clean)."""
+    images = {name: np.squeeze(np.asarray(image, float)) for name, image in panels.items()}
+    for name, image in images.items():
+        if image.ndim != 2:
+            raise ValueError(
+                f"image_panels_figure: {name} must be one 2-D image, got shape {image.shape}"
+            )
+    low = min(float(image.min()) for image in images.values())
+    high = max(float(image.max()) for image in images.values())
+    figure = Figure(figsize=(3.2 * len(images) + 0.8, 3.4), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(images)))
+    for ax, (name, image) in zip(axes, images.items()):
+        shown = ax.imshow(image, origin="lower", cmap="magma", vmin=low, vmax=high)
+        ax.set_title(f"{name} {image.shape[0]}x{image.shape[1]}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.colorbar(shown, ax=list(axes), shrink=0.8)
+    return _save(figure, path)

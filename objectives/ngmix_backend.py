@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
+
 from lensnas.objectives.metacal import resolve_fix_noise
 
 NGMIX_DEFAULTS: dict[str, object] = {

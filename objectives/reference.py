@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from lensnas.objectives import hsm, metacal, ngmix_backend
 from lensnas.objectives.cache import cache_root, cached_arrays
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from lensnas.objectives.base import TrialContext
-from lensnas.objectives.cache import cache_root, cached_arrays, config_hash
-from lensnas.objectives.diagnostics import FIGURE, shear_residual_figure
+
+from lensnas.objectives.base import (
+    Baseline,
+    Metric,
+    Objective,
+    ReportSection,
+    TrialContext,
+    TrialRecord,
+    ValidationScore,
+)
+from lensnas.objectives.cache import cached_arrays, config_hash
+from lensnas.objectives.diagnostics import shear_residual_figure
 from lensnas.objectives.ngmix_backend import INSTALL_HINT
 from lensnas.objectives.options import check_options, require
 from lensnas.objectives.reference import cached_measure, is_available
@@ -25,22 +33,17 @@ from lensnas.objectives.shear_data import (
     simulate_test_at_noise,
     simulation_config,
 )
-from lensnas.objectives.shear_metrics import noise_prefix, rmse, shear_metrics
-from lensnas.objectives.training import (
-    REGRESSION_LOSSES,
-    parameter_count,
-    predict,
-    seed_everything,
-    train_model,
-)
+from lensnas.objectives.shear_metrics import rmse, shear_metrics
+from lensnas.objectives.training import REGRESSION_LOSSES, predict
 from lensnas.spaces.dimensions import SpaceError
-from lensnas.spaces.shear_cnn import SHEAR_CNN, build_shear_cnn
+from lensnas.spaces.shear_cnn import SHEAR_CNN
 
 logger = logging.getLogger("lensnas.shear")
 
 SIMULATION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GalaxySimulation)}
 REFERENCES = ("none", "metacal", "hsm", "ngmix")
 RELATIVE_METRICS = ("rmse_ratio", "rmse_ratio_object", "abs_m_diff")
+NOISE_LEVELS = "noise_levels"  # trial attribute: {noise sigma: {metric: value}}
 
 
 class StampInputs:
@@ -61,7 +64,15 @@ class StampInputs:
         return np.concatenate([stamps, psf], axis=1)
 
 
-class ShearObjective:
+def _bias_metrics(prefix: str, what: str) -> dict[str, Metric]:
+    return {
+        f"{prefix}{kind}{i}": Metric(None, f"{label} of g{i} ({what})", summary=not prefix)
+        for kind, label in (("m", "multiplicative bias"), ("c", "additive bias"))
+        for i in (1, 2)
+    }
+
+
+class ShearObjective(Objective):
     """Train a shear CNN on simulated galaxies; score it on RMSE and m/c of a held-out test set."""
 
     name = "shear"
@@ -75,48 +86,36 @@ class ShearObjective:
         "test_noise_levels": [],  # the test set again at these noise sigmas (network and reference)
         **SIMULATION_DEFAULTS,
     }
-    METRICS: ClassVar[dict[str, str]] = {
-        "rmse": "minimize",
-        "rmse_g1": "minimize",
-        "rmse_g2": "minimize",
-        "abs_m": "minimize",
-        "abs_c": "minimize",
-        "rmse_ratio": "minimize",
-        "rmse_ratio_object": "minimize",
-        "abs_m_diff": "minimize",
-        "best_val_loss": "minimize",
-        "n_params": "minimize",
-        "train_seconds": "minimize",
+    METRICS: ClassVar[dict[str, Metric]] = {
+        "rmse": Metric("minimize", "RMSE of (g1, g2) per test galaxy", summary=True),
+        **_bias_metrics("", "paired +g/-g protocol, jackknife error"),
+        "rmse_ratio": Metric(
+            "minimize", "network RMSE / reference RMSE (reference calibrated by the mean "
+            "response of the test set)", summary=True),
+        "rmse_ratio_object": Metric(
+            "minimize", "network RMSE / reference RMSE (each galaxy calibrated by its own "
+            "response)", summary=True),
+        "rmse_g1": Metric("minimize", "RMSE of g1 per test galaxy"),
+        "rmse_g2": Metric("minimize", "RMSE of g2 per test galaxy"),
+        "abs_m": Metric("minimize", "largest |m| of the two components"),
+        "abs_c": Metric("minimize", "largest |c| of the two components"),
+        "abs_m_diff": Metric("minimize", "|m| of the network minus |m| of the reference"),
+        **_bias_metrics("linear_", "straight-line fit of estimate against truth"),
+        "validation_score": Metric("minimize", "best per-epoch validation RMSE of g"),
+        "n_params": Metric("minimize", "trainable parameters"),
+        "train_seconds": Metric("minimize", "training time in seconds"),
     }
     DEFAULT_METRIC = "rmse"
-    SUMMARY = ("rmse", "m1", "m2", "c1", "c2", "rmse_ratio", "rmse_ratio_object")
+    VALIDATION_SCORE = ValidationScore("validation RMSE of g", "minimize", "rmse")
+    BASELINE_COLUMNS = ("rmse_g1", "rmse_g2", "object_rmse", "n_failed", "galaxies_per_core_second")
 
-    def __init__(
-        self,
-        options: dict[str, Any],
-        training: dict[str, Any],
-        *,
-        seed: int,
-        cache_dir: str | Path | None = None,
-        progress: bool = True,
-    ):
-        self.options = self.check_options(options)
-        self.training = dict(training)
-        self.seed = seed
-        self.cache_dir = cache_root(cache_dir)
-        self.progress = progress
+    def setup(self) -> None:
         self.simulation = GalaxySimulation(**{k: self.options[k] for k in SIMULATION_DEFAULTS})
-        self.counts = {
-            "train": self.options["n_train"],
-            "validation": self.options["n_validation"],
-            "test": self.options["n_test"],
-        }
-        self.data: dict[str, np.ndarray] | None = None
-        self.dataset_key = config_hash(self.dataset_config())
-        self.cache_hit: bool | None = None
-        self.reference_metrics: dict[str, float] = {}
+        self.counts = {split: self.options[f"n_{split}"] for split in SPLITS}
         self.reference_estimate: np.ndarray | None = None
         self.noise_tests: dict[float, dict[str, np.ndarray]] = {}
+        self.input_scale = 1.0
+        self._test_estimate: np.ndarray | None = None
 
     @classmethod
     def check_options(cls, table: dict[str, Any], prefix: str = "objective") -> dict[str, Any]:
@@ -155,19 +154,24 @@ class ShearObjective:
         """What the dataset cache key is made of."""
         return {"simulation": simulation_config(self.simulation), "counts": self.counts, "seed": self.seed, "version": 1}
 
-    def prepare(self) -> None:
-        """Simulate (or load from cache) the train/validation/test galaxies."""
-        if self.data is not None:
-            return
+    def load_data(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Simulate the train/validation/test galaxies (the test set at +g and -g)."""
+        from rich.progress import Progress
+
         total = sum(self.counts.values()) + self.counts["test"]
-        self.data, _, self.cache_hit = cached_arrays(
-            self.cache_dir, "shear", self.dataset_config(), lambda: self._simulate(total)
-        )
+        with Progress(disable=not self.progress, transient=True) as bar:
+            task = bar.add_task(f"simulating {total} galaxies", total=total)
+            arrays = simulate(self.simulation, self.counts, self.seed, lambda n: bar.advance(task, n))
+        return arrays, {}
+
+    def after_load(self) -> None:
+        """Input scaling, the reference estimator on the test set (once, cached), and the
+        test set at each extra noise level."""
         logger.info("shear dataset %s (%s)", self.dataset_key, "cache hit" if self.cache_hit else "simulated")
         self.input_scale = 1.0 / float(np.std(self.data["train.images"][:1000]) or 1.0)
         test = {name: self.data[f"test.{name}"] for name in ("images", "images_minus", "labels")}
-        self.reference_metrics, self.reference_estimate = self._reference_metrics(
-            test, self.simulation.noise_sigma, self.dataset_key, "ref_"
+        self.baselines, self.reference_estimate = self._reference_baselines(
+            test, self.simulation.noise_sigma, self.dataset_key
         )
         for level in self.options["test_noise_levels"]:
             config = {"dataset": self.dataset_config(), "test_noise_sigma": level}
@@ -176,19 +180,17 @@ class ShearObjective:
                     simulate_test_at_noise(self.simulation, self.counts["test"], self.seed, level), {}
                 ),
             )
-            metrics, _ = self._reference_metrics(
-                self.noise_tests[level], level, config_hash(config), f"{noise_prefix(level)}ref_"
-            )
-            self.reference_metrics.update(metrics)
+            baselines, _ = self._reference_baselines(self.noise_tests[level], level, config_hash(config))
+            self.baselines += [dataclasses.replace(b, conditions={"noise_sigma": level}) for b in baselines]
 
-    def _reference_metrics(
-        self, test: dict[str, np.ndarray], noise_sigma: float, dataset_key: str, prefix: str
-    ) -> tuple[dict[str, float], np.ndarray | None]:
-        """The reference estimator on a paired test set (computed once, cached): ``<prefix>*``
-        metrics and its per-galaxy estimates."""
+    def _reference_baselines(
+        self, test: dict[str, np.ndarray], noise_sigma: float, dataset_key: str
+    ) -> tuple[list[Baseline], np.ndarray | None]:
+        """The reference estimator on a paired test set (computed once, cached): its rows
+        (mean response; each galaxy's own response) and its per-galaxy estimates."""
         name = self.options["reference"]
         if name == "none":
-            return {}, None
+            return [], None
         results = [
             cached_measure(
                 name, test[images], self.data["psf_image"], self.simulation.pixel_scale,
@@ -198,21 +200,30 @@ class ShearObjective:
             for images in ("images", "images_minus")
         ]
         ok = results[0].ok & results[1].ok
-        metrics = shear_metrics(results[0].g[ok], test["labels"][ok], results[1].g[ok], prefix=prefix)
-        metrics[f"{prefix}n_failed"] = float(np.count_nonzero(~ok))
+        metrics = shear_metrics(results[0].g[ok], test["labels"][ok], results[1].g[ok])
+        metrics["n_failed"] = float(np.count_nonzero(~ok))
+        metrics["galaxies_per_core_second"] = results[0].galaxies_per_core_second
+        rows = [Baseline(
+            "reference", f"{name}, mean response",
+            f"{name} calibrated by the mean response of the whole test set: the ensemble "
+            "estimator of weak-lensing surveys (right on average, not per galaxy)",
+            metrics,
+        )]
         per_object = results[0].g_per_object_response
         if per_object is not None:
-            metrics[f"{prefix}object_rmse"] = rmse(per_object[ok], test["labels"][ok])[2]
-        metrics[f"{prefix}galaxies_per_core_second"] = results[0].galaxies_per_core_second
-        return metrics, results[0].g
+            rows.append(Baseline(
+                "reference_object", f"{name}, per-galaxy response",
+                f"{name} with each galaxy calibrated by its own response: how it measures "
+                "one galaxy's shear, the comparison for a per-galaxy network",
+                {"rmse": rmse(per_object[ok], test["labels"][ok])[2]},
+            ))
+        return rows, results[0].g
 
-    def _simulate(self, total: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        from rich.progress import Progress
+    def split_sizes(self) -> dict[str, int]:
+        return dict(self.counts)
 
-        with Progress(disable=not self.progress, transient=True) as bar:
-            task = bar.add_task(f"simulating {total} galaxies", total=total)
-            arrays = simulate(self.simulation, self.counts, self.seed, lambda n: bar.advance(task, n))
-        return arrays, {"dataset_key": self.dataset_key}
+    def extra_attrs(self) -> dict[str, Any]:
+        return {"reference": self.options["reference"], "noise_sigma": self.simulation.noise_sigma}
 
     def inputs(self, split: str, name: str = "images") -> StampInputs:
         """The network inputs for one split (``name`` = "images" or, for test, "images_minus")."""
@@ -222,81 +233,78 @@ class ShearObjective:
         """Network inputs for (N, H, W) stamps of this study's simulation."""
         return StampInputs(images, self.data["psf_image"] if self.options["psf_channel"] else None)
 
-    def architecture(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Everything needed to rebuild the trial's network (family, version, builder arguments)."""
+    def architecture_arguments(self) -> dict[str, Any]:
         return {
-            "family": self.family.name,
-            "version": self.family.version,
-            "config": self.family.architecture(self.family.config({**self.training, **params})),
             "in_channels": 2 if self.options["psf_channel"] else 1,
             "image_size": self.simulation.stamp_size,
             "input_scale": self.input_scale,
             "output_scale": max(self.simulation.shear_max, 1e-3),
         }
 
-    def build_model(self, params: dict[str, Any]) -> torch.nn.Module:
-        """The trial's network, untrained."""
-        spec = self.architecture(params)
-        return build_shear_cnn(
-            spec["config"], spec["in_channels"], spec["image_size"], spec["input_scale"], spec["output_scale"]
-        )
+    def training_data(self) -> tuple[Any, Any]:
+        return self.inputs("train"), self.data["train.labels"]
 
-    def run_trial(self, params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
-        """Train the network sampled in ``params`` and return its test-set metrics."""
-        self.prepare()
-        config = self.family.config({**self.training, **params})
-        seed_everything(ctx.seed)  # the weight initialisation too
-        model = self.build_model(params)
-        result = train_model(
-            model,
-            (self.inputs("train"), self.data["train.labels"]),
-            (self.inputs("validation"), self.data["validation.labels"]),
-            loss_fn=REGRESSION_LOSSES[config["loss"]](),
-            learning_rate=config["learning_rate"],
-            batch_size=config["batch_size"],
-            epochs=config["epochs"],
-            weight_decay=config["weight_decay"],
-            ctx=ctx,
-        )
+    def loss(self, config: dict[str, Any]) -> torch.nn.Module:
+        return REGRESSION_LOSSES[config["loss"]]()
+
+    def validation_score(self, model: torch.nn.Module, device: str) -> float:
+        """RMSE of g on the validation galaxies: comparable across losses and trials."""
+        estimate = predict(model, self.inputs("validation"), 256, device)
+        return rmse(estimate, self.data["validation.labels"])[2]
+
+    def score(self, model: torch.nn.Module, config: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
+        """RMSE and biases on the test set (and at each extra noise level), and the ratios to
+        the reference estimator measured on the same galaxies."""
         batch = max(config["batch_size"], 256)
-        estimate = predict(result.model, self.inputs("test"), batch, ctx.device)
-        estimate_minus = predict(result.model, self.inputs("test", "images_minus"), batch, ctx.device)
-        metrics = shear_metrics(estimate, self.data["test.labels"], estimate_minus)
-        metrics.update(
-            n_params=float(parameter_count(result.model)),
-            train_seconds=result.train_seconds,
-            best_val_loss=result.best_val_loss,
-            epochs_run=float(result.epochs_run),
-        )
-        for level, test in self.noise_tests.items():
-            estimates = [predict(result.model, self.stamp_inputs(test[name]), batch, ctx.device)
+
+        def measure(test: dict[str, np.ndarray], references: list[Baseline]) -> dict[str, float]:
+            estimates = [predict(model, self.stamp_inputs(test[name]), batch, ctx.device)
                          for name in ("images", "images_minus")]
-            metrics.update(shear_metrics(estimates[0], test["labels"], estimates[1], prefix=noise_prefix(level)))
-        if self.reference_metrics:
-            metrics.update(self.reference_metrics)
-            for prefix in ["", *map(noise_prefix, self.noise_tests)]:
-                metrics[f"{prefix}rmse_ratio"] = metrics[f"{prefix}rmse"] / metrics[f"{prefix}ref_rmse"]
-                if f"{prefix}ref_object_rmse" in metrics:
-                    metrics[f"{prefix}rmse_ratio_object"] = metrics[f"{prefix}rmse"] / metrics[f"{prefix}ref_object_rmse"]
-                metrics[f"{prefix}abs_m_diff"] = metrics[f"{prefix}abs_m"] - metrics[f"{prefix}ref_abs_m"]
-        self._save(result.model, params, ctx)
-        shear_residual_figure(
-            Path(ctx.artifact_dir) / FIGURE, self.data["test.labels"], estimate,
-            self.reference_estimate, reference_name=self.options["reference"],
-        )
+            metrics = shear_metrics(estimates[0], test["labels"], estimates[1])
+            return {**metrics, **_relative_metrics(metrics, references)}
+
+        own = [b for b in self.baselines if not b.conditions]
+        test = {name: self.data[f"test.{name}"] for name in ("images", "images_minus", "labels")}
+        metrics: dict[str, Any] = measure(test, own)
+        self._test_estimate = predict(model, self.inputs("test"), batch, ctx.device)
+        if self.noise_tests:
+            metrics[NOISE_LEVELS] = {
+                f"{level:g}": measure(noisy, [b for b in self.baselines
+                                             if b.conditions.get("noise_sigma") == level])
+                for level, noisy in self.noise_tests.items()
+            }
         return metrics
 
-    def _save(self, model: torch.nn.Module, params: dict[str, Any], ctx: TrialContext) -> None:
-        folder = Path(ctx.artifact_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(model.cpu().state_dict(), folder / "weights.pt")
-        (folder / "architecture.json").write_text(json.dumps(self.architecture(params), indent=1))
+    def figure(self, model: torch.nn.Module, path: Path) -> None:
+        shear_residual_figure(
+            path, self.data["test.labels"], self._test_estimate,
+            self.reference_estimate, reference_name=self.options["reference"],
+        )
 
-    def trial_attrs(self) -> dict[str, Any]:
-        """Study-wide facts: the dataset key, split sizes and the reference's metrics."""
-        return {
-            "dataset_key": self.dataset_key,
-            "reference": self.options["reference"],
-            **{f"n_{split}": self.counts[split] for split in SPLITS},
-            **self.reference_metrics,
-        }
+    def baseline_table(self, noise_levels: list[float] | None = None) -> list[Baseline]:
+        """Every available shear estimator on the study's paired test set, at each noise level."""
+        from lensnas.objectives.shear_baseline import baseline_rows
+
+        return baseline_rows(self.simulation, self.counts["test"], self.seed, noise_levels,
+                             self.cache_dir, self.progress)
+
+    def baseline_notes(self) -> list[str]:
+        return [] if is_available("ngmix") else [f"ngmix row skipped: {INSTALL_HINT}"]
+
+    @classmethod
+    def report_sections(cls, study_attrs: dict[str, Any], best: TrialRecord | None) -> list[ReportSection]:
+        from lensnas.objectives.shear_report import report_sections
+
+        return report_sections(study_attrs, best)
+
+
+def _relative_metrics(metrics: dict[str, float], references: list[Baseline]) -> dict[str, float]:
+    """rmse_ratio (mean response), rmse_ratio_object (own response) and abs_m_diff."""
+    out: dict[str, float] = {}
+    for reference in references:
+        if reference.key == "reference":
+            out["rmse_ratio"] = metrics["rmse"] / reference.metrics["rmse"]
+            out["abs_m_diff"] = metrics["abs_m"] - reference.metrics["abs_m"]
+        elif reference.key == "reference_object":
+            out["rmse_ratio_object"] = metrics["rmse"] / reference.metrics["rmse"]
+    return out

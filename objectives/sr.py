@@ -8,7 +8,6 @@ upsampling, which is computed once per dataset and cached with it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from lensnas.objectives.base import TrialContext
-from lensnas.objectives.cache import cache_root, cached_arrays, config_hash
-from lensnas.objectives.diagnostics import FIGURE, sr_panels_figure
+
+from lensnas.objectives.base import Baseline, Metric, Objective, TrialContext, ValidationScore
+from lensnas.objectives.diagnostics import sr_panels_figure
 from lensnas.objectives.options import check_options, require
 from lensnas.objectives.sr_data import (
     INSTRUMENT_KEYS,
@@ -34,13 +33,14 @@ from lensnas.objectives.sr_data import (
     simulation_config,
 )
 from lensnas.objectives.sr_metrics import (
-    TrainValidationLoss,
     bicubic_upsample,
     image_metrics,
+    psnr_per_image,
     sr_loss,
 )
-from lensnas.objectives.training import parameter_count, predict, seed_everything, train_model
+from lensnas.objectives.training import predict
 from lensnas.spaces.dimensions import SpaceError
+from lensnas.spaces.errors import DataError
 from lensnas.spaces.sr_net import SR_NET
 
 logger = logging.getLogger("lensnas.sr")
@@ -78,70 +78,59 @@ SIMULATION_ONLY_KEYS = (
 FOLDER_ONLY_KEYS = ("folder", "validation_fraction", "test_fraction")
 
 
-class SRObjective:
+OPTIONS: dict[str, Any] = {
+    # where the pairs come from: "simulate" (DeepLense Model 1, 75 -> 150), "euclid" or
+    # "hst" (lenstronomy instrument presets, 64 -> 128), or "folder" (LR/ and HR/ .npy files)
+    "source": "simulate",
+    "n_train": 1000,
+    "n_validation": 200,
+    "n_test": 200,
+    "data_seed": None,  # default: the study seed
+    "scale": 2,  # HR side / LR side
+    # instrument (default: the source's preset; see objectives.sr_data)
+    "lr_size": None,  # LR pixels per side
+    "lr_pixel_scale": None,  # arcsec per LR pixel (HR: lr_pixel_scale / scale)
+    "psf_fwhm": None,  # arcsec, Gaussian PSF of the LR image
+    "exposure_time": None,  # seconds (Poisson noise)
+    "background_rms": None,  # counts/s per LR pixel (Gaussian background noise)
+    "magnitude_zero_point": None,  # magnitude of 1 count/s
+    "hr_psf_fwhm": 0.0,  # arcsec, Gaussian PSF of the HR image (0 = none)
+    "supersampling": 1,  # ray-shooting points per HR pixel side
+    **POPULATION_DEFAULTS,
+    # folder source
+    "folder": "",  # holds LR/ and HR/; relative paths are from the working directory
+    "validation_fraction": 0.1,  # carved from train when there is no LR/validation.npy
+    "test_fraction": 0.1,  # carved from train when there is no LR/test.npy
+    "normalize": True,  # min-max each image to [0, 1]; false only for folders already in [0, 1]
+    "eval_batch_size": 32,
+}
+
+
+class SRObjective(Objective):
     """Train an SR network on lensing image pairs; score PSNR/SSIM and their gain over bicubic."""
 
     name = "sr"
     family = SR_NET
-    OPTIONS: ClassVar[dict[str, Any]] = {
-        # where the pairs come from: "simulate" (DeepLense Model 1, 75 -> 150), "euclid" or
-        # "hst" (lenstronomy instrument presets, 64 -> 128), or "folder" (LR/ and HR/ .npy files)
-        "source": "simulate",
-        "n_train": 1000,
-        "n_validation": 200,
-        "n_test": 200,
-        "data_seed": None,  # default: the study seed
-        "scale": 2,  # HR side / LR side
-        # instrument (default: the source's preset; see objectives.sr_data)
-        "lr_size": None,  # LR pixels per side
-        "lr_pixel_scale": None,  # arcsec per LR pixel (HR: lr_pixel_scale / scale)
-        "psf_fwhm": None,  # arcsec, Gaussian PSF of the LR image
-        "exposure_time": None,  # seconds (Poisson noise)
-        "background_rms": None,  # counts/s per LR pixel (Gaussian background noise)
-        "magnitude_zero_point": None,  # magnitude of 1 count/s
-        "hr_psf_fwhm": 0.0,  # arcsec, Gaussian PSF of the HR image (0 = none)
-        "supersampling": 1,  # ray-shooting points per HR pixel side
-        **POPULATION_DEFAULTS,
-        # folder source
-        "folder": "",  # holds LR/ and HR/; relative paths are from the working directory
-        "validation_fraction": 0.1,  # carved from train when there is no LR/validation.npy
-        "test_fraction": 0.1,  # carved from train when there is no LR/test.npy
-        "normalize": True,  # min-max each image to [0, 1]; false only for folders already in [0, 1]
-        "eval_batch_size": 32,
-    }
-    METRICS: ClassVar[dict[str, str]] = {
-        "psnr_gain": "maximize",
-        "psnr": "maximize",
-        "ssim": "maximize",
-        "ssim_gain": "maximize",
-        "mse": "minimize",
-        "best_val_loss": "minimize",
-        "n_params": "minimize",
-        "train_seconds": "minimize",
+    OPTIONS: ClassVar[dict[str, Any]] = OPTIONS
+    METRICS: ClassVar[dict[str, Metric]] = {
+        "psnr": Metric("maximize", "PSNR of the SR image against HR (dB, data range 1)", summary=True),
+        "ssim": Metric("maximize", "SSIM against HR (Gaussian window 11, sigma 1.5)", summary=True),
+        "psnr_gain": Metric("maximize", "PSNR minus the bicubic upsampling's PSNR (dB)", summary=True),
+        "ssim_gain": Metric("maximize", "SSIM minus the bicubic upsampling's SSIM", summary=True),
+        "mse": Metric("minimize", "mean squared error against HR"),
+        "validation_score": Metric("maximize", "best per-epoch validation PSNR gain over bicubic (dB)"),
+        "n_params": Metric("minimize", "trainable parameters"),
+        "train_seconds": Metric("minimize", "training time in seconds"),
     }
     DEFAULT_METRIC = "psnr_gain"
-    SUMMARY = ("psnr", "ssim", "psnr_gain", "ssim_gain")
+    VALIDATION_SCORE = ValidationScore(
+        "validation PSNR gain over bicubic (dB)", "maximize", "psnr_gain"
+    )
 
-    def __init__(
-        self,
-        options: dict[str, Any],
-        training: dict[str, Any],
-        *,
-        seed: int,
-        cache_dir: str | Path | None = None,
-        progress: bool = True,
-    ):
-        self.options = self.check_options(options)
-        self.training = dict(training)
-        self.seed = seed
-        self.data_seed = seed if self.options["data_seed"] is None else self.options["data_seed"]
-        self.cache_dir = cache_root(cache_dir)
-        self.progress = progress
+    def setup(self) -> None:
+        self.data_seed = self.seed if self.options["data_seed"] is None else self.options["data_seed"]
         self.scale = self.options["scale"]
-        self.data: dict[str, np.ndarray] | None = None
-        self.bicubic: dict[str, float] = {}
-        self.dataset_key: str | None = None
-        self.cache_hit: bool | None = None
+        self._test_prediction: np.ndarray | None = None
 
     @classmethod
     def check_options(cls, table: dict[str, Any], prefix: str = "objective") -> dict[str, Any]:
@@ -203,7 +192,7 @@ class SRObjective:
         else:
             for key in FOLDER_ONLY_KEYS:
                 require(
-                    options[key] == cls.OPTIONS[key],
+                    options[key] == OPTIONS[key],
                     f"{prefix}.{key}",
                     f'is only used with source = "folder" (source is {source!r})',
                 )
@@ -238,26 +227,9 @@ class SRObjective:
             "data_seed": self.data_seed,
         }
 
-    def prepare(self) -> None:
-        """Simulate or load the pairs and the bicubic baseline (cached on disk); idempotent."""
-        if self.data is not None:
-            return
-        config = self.dataset_config()
-        self.dataset_key = config_hash(config)
-        self.data, meta, self.cache_hit = cached_arrays(
-            self.cache_dir, "sr", config, lambda: self._build(config)
-        )
-        self.bicubic = meta["bicubic"]
-        logger.info(
-            "sr dataset %s (%s): bicubic PSNR %.3f dB, SSIM %.4f",
-            self.dataset_key,
-            "cache hit" if self.cache_hit else "built",
-            self.bicubic["psnr"],
-            self.bicubic["ssim"],
-        )
-
-    def _build(self, config: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        options = self.options
+    def load_data(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Simulate or read the LR/HR pairs, and the bicubic upsampling of the test set."""
+        options, config = self.options, self.dataset_config()
         if options["source"] == "folder":
             arrays = folder_dataset(
                 Path(config["folder"]),
@@ -273,89 +245,65 @@ class SRObjective:
             )
         arrays["test_bicubic"] = bicubic_upsample(arrays["test_lr"], self.scale)
         bicubic = image_metrics(arrays["test_hr"], arrays["test_bicubic"])
-        counts = {f"n_{split}": len(arrays[f"{split}_lr"]) for split in SPLITS}
-        return arrays, {"bicubic": bicubic, "dataset_key": self.dataset_key, **counts}
+        return arrays, {"bicubic": bicubic}
 
-    def architecture(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Everything needed to rebuild the trial's network (family, version, builder arguments)."""
+    def after_load(self) -> None:
+        validation_bicubic = bicubic_upsample(self.data["validation_lr"], self.scale)
+        self.validation_bicubic_psnr = self._mean_psnr(self.data["validation_hr"], validation_bicubic)
+        bicubic = self.meta["bicubic"]
+        self.baselines = [Baseline(
+            "bicubic", "bicubic interpolation",
+            "the LR image upsampled by bicubic interpolation: what a network must beat",
+            {k: float(v) for k, v in bicubic.items()},
+        )]
+        logger.info(
+            "sr dataset %s (%s): bicubic PSNR %.3f dB, SSIM %.4f", self.dataset_key,
+            "cache hit" if self.cache_hit else "built", bicubic["psnr"], bicubic["ssim"],
+        )
+
+    def split_sizes(self) -> dict[str, int]:
+        return {split: len(self.data[f"{split}_lr"]) for split in SPLITS}
+
+    def extra_attrs(self) -> dict[str, Any]:
         return {
-            "family": self.family.name,
-            "version": self.family.version,
-            "config": self.family.architecture(self.family.config({**self.training, **params})),
-            "in_channels": 1,
-            "scale": self.scale,
-        }
-
-    def build_model(self, params: dict[str, Any]) -> torch.nn.Module:
-        """The trial's network, untrained."""
-        spec = self.architecture(params)
-        return self.family.build(
-            spec["config"], in_channels=spec["in_channels"], scale=spec["scale"]
-        )
-
-    def run_trial(self, params: dict[str, Any], ctx: TrialContext) -> dict[str, float]:
-        """Train the network sampled in ``params`` and return its test-set metrics."""
-        self.prepare()
-        config = self.family.config({**self.training, **params})
-        seed_everything(ctx.seed)  # the initial weights depend on the trial seed only
-        model = self.build_model(params)
-        data = self.data
-        result = train_model(
-            model,
-            (data["train_lr"], data["train_hr"]),
-            (data["validation_lr"], data["validation_hr"]),
-            loss_fn=TrainValidationLoss(sr_loss(config["loss"])),
-            learning_rate=config["learning_rate"],
-            batch_size=config["batch_size"],
-            epochs=config["epochs"],
-            weight_decay=config["weight_decay"],
-            ctx=ctx,
-        )
-        prediction = predict(
-            result.model, data["test_lr"], self.options["eval_batch_size"], ctx.device
-        )
-        metrics = image_metrics(data["test_hr"], np.clip(prediction, 0.0, 1.0))
-        metrics.update(
-            bicubic_psnr=self.bicubic["psnr"],
-            bicubic_ssim=self.bicubic["ssim"],
-            bicubic_mse=self.bicubic["mse"],
-            psnr_gain=metrics["psnr"] - self.bicubic["psnr"],
-            ssim_gain=metrics["ssim"] - self.bicubic["ssim"],
-            n_params=float(parameter_count(result.model)),
-            train_seconds=result.train_seconds,
-            best_val_loss=result.best_val_loss,
-            epochs_run=float(result.epochs_run),
-        )
-        ctx.log(f"PSNR {metrics['psnr']:.2f} dB ({metrics['psnr_gain']:+.2f} over bicubic)")
-        self._save(result.model, params, ctx)
-        sr_panels_figure(
-            Path(ctx.artifact_dir) / FIGURE,
-            data["test_lr"][0],
-            data["test_bicubic"][0],
-            np.clip(prediction[0], 0.0, 1.0),
-            data["test_hr"][0],
-        )
-        return metrics
-
-    def _save(self, model: torch.nn.Module, params: dict[str, Any], ctx: TrialContext) -> None:
-        folder = Path(ctx.artifact_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(model.cpu().state_dict(), folder / "weights.pt")
-        (folder / "architecture.json").write_text(json.dumps(self.architecture(params), indent=1))
-
-    def trial_attrs(self) -> dict[str, Any]:
-        """Study-wide facts: the dataset key, split sizes, image shapes and the bicubic baseline."""
-        self.prepare()
-        data = self.data
-        return {
-            "dataset_key": self.dataset_key,
             "source": self.options["source"],
             "scale": self.scale,
-            **{f"n_{split}": len(data[f"{split}_lr"]) for split in SPLITS},
-            "lr_shape": list(data["test_lr"].shape[2:]),
-            "hr_shape": list(data["test_hr"].shape[2:]),
-            **{f"bicubic_{name}": value for name, value in self.bicubic.items()},
+            "lr_shape": list(self.data["test_lr"].shape[2:]),
+            "hr_shape": list(self.data["test_hr"].shape[2:]),
         }
+
+    def architecture_arguments(self) -> dict[str, Any]:
+        return {"in_channels": 1, "scale": self.scale}
+
+    def training_data(self) -> tuple[Any, Any]:
+        return self.data["train_lr"], self.data["train_hr"]
+
+    def loss(self, config: dict[str, Any]) -> torch.nn.Module:
+        return sr_loss(config["loss"])
+
+    @staticmethod
+    def _mean_psnr(truth: np.ndarray, estimate: np.ndarray) -> float:
+        return float(np.mean(psnr_per_image(truth, np.clip(estimate, 0.0, 1.0))))
+
+    def validation_score(self, model: torch.nn.Module, device: str) -> float:
+        """Mean PSNR (dB) of the validation images minus bicubic's: the validation estimate of
+        psnr_gain, comparable across losses and trials."""
+        prediction = predict(model, self.data["validation_lr"], self.options["eval_batch_size"], device)
+        return self._mean_psnr(self.data["validation_hr"], prediction) - self.validation_bicubic_psnr
+
+    def score(self, model: torch.nn.Module, config: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
+        """MSE, PSNR and SSIM on the test set, and their gains over bicubic."""
+        prediction = predict(model, self.data["test_lr"], self.options["eval_batch_size"], ctx.device)
+        self._test_prediction = np.clip(prediction, 0.0, 1.0)
+        metrics: dict[str, Any] = image_metrics(self.data["test_hr"], self._test_prediction)
+        bicubic = self.baselines[0].metrics
+        metrics.update(psnr_gain=metrics["psnr"] - bicubic["psnr"], ssim_gain=metrics["ssim"] - bicubic["ssim"])
+        ctx.log(f"PSNR {metrics['psnr']:.2f} dB ({metrics['psnr_gain']:+.2f} over bicubic)")
+        return metrics
+
+    def figure(self, model: torch.nn.Module, path: Path) -> None:
+        data = self.data
+        sr_panels_figure(path, data["test_lr"][0], data["test_bicubic"][0], self._test_prediction[0], data["test_hr"][0])
 
 
 def _is_int(value: Any) -> bool:
@@ -413,11 +361,11 @@ def _check_folder_options(options: dict[str, Any], prefix: str) -> None:
     require(bool(folder), f"{prefix}.folder", 'is required with source = "folder"')
     try:
         folder_files(Path(folder))
-    except SpaceError as error:
+    except DataError as error:
         raise SpaceError(f"{prefix}.folder", str(error)) from None
     for key in SIMULATION_ONLY_KEYS:
         require(
-            options[key] == SRObjective.OPTIONS[key],
+            options[key] == OPTIONS[key],
             f"{prefix}.{key}",
             'is only used by simulated sources (source = "folder" takes its pairs from the files)',
         )

@@ -33,8 +33,9 @@ from tokenize import TokenError
 from typing import Any
 
 import numpy as np
-from lensnas.spaces.dimensions import SpaceError
 from scipy import ndimage
+
+from lensnas.spaces.errors import DataError
 
 SOURCES = ("simulate", "euclid", "hst", "folder")
 SPLITS = ("train", "validation", "test")
@@ -333,16 +334,16 @@ def folder_files(folder: Path) -> tuple[Path, Path, list[str]]:
     """(LR dir, HR dir, sorted .npy names under LR/), checking that both folders exist."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SpaceError(str(folder), "no such folder (expected LR/ and HR/ with .npy files)")
+        raise DataError(str(folder), "no such folder (expected LR/ and HR/ with .npy files)")
     lr_dir, hr_dir = folder / "LR", folder / "HR"
     for sub in (lr_dir, hr_dir):
         if not sub.is_dir():
-            raise SpaceError(
+            raise DataError(
                 str(sub), "missing folder; a data folder holds LR/ and HR/ with matching .npy names"
             )
     names = sorted(p.name for p in lr_dir.glob("*.npy"))
     if not names:
-        raise SpaceError(str(lr_dir), "contains no .npy files")
+        raise DataError(str(lr_dir), "contains no .npy files")
     return lr_dir, hr_dir, names
 
 
@@ -362,14 +363,14 @@ def _load_array(path: Path, unit_range: bool) -> np.ndarray:
     except (OSError, ValueError, EOFError, SyntaxError, TokenError) as error:
         # a corrupted header fails in numpy's header parser with SyntaxError or TokenError
         message = " ".join(str(error).split())
-        raise SpaceError(str(path), f"unreadable .npy file ({message})") from None
+        raise DataError(str(path), f"unreadable .npy file ({message})") from None
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise SpaceError(str(path), f"must hold real numbers, got dtype {array.dtype}")
+        raise DataError(str(path), f"must hold real numbers, got dtype {array.dtype}")
     bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     if bad:
-        raise SpaceError(str(path), f"contains {bad} non-finite values (NaN or inf)")
+        raise DataError(str(path), f"contains {bad} non-finite values (NaN or inf)")
     if unit_range and array.size and (array.min() < 0 or array.max() > 1):
-        raise SpaceError(
+        raise DataError(
             str(path),
             f"values span [{array.min():.3g}, {array.max():.3g}], outside [0, 1]; "
             "set normalize = true",
@@ -383,14 +384,14 @@ def _as_images(path: Path, array: np.ndarray, stacked: bool) -> np.ndarray:
         if array.ndim == 4 and array.shape[1] == 1:
             array = array[:, 0]
         if array.ndim != 3 or 0 in array.shape:
-            raise SpaceError(
+            raise DataError(
                 str(path), f"expected a stack of shape (N, H, W) or (N, 1, H, W), got {array.shape}"
             )
         return array
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2 or 0 in array.shape:
-        raise SpaceError(
+        raise DataError(
             str(path), f"expected one image of shape (H, W) or (1, H, W), got {array.shape}"
         )
     return array[None]
@@ -398,16 +399,16 @@ def _as_images(path: Path, array: np.ndarray, stacked: bool) -> np.ndarray:
 
 def _check_pair(lr_path: Path, lr: np.ndarray, hr_path: Path, hr: np.ndarray, scale: int) -> None:
     if len(lr) != len(hr):
-        raise SpaceError(str(hr_path), f"holds {len(hr)} images but {lr_path} holds {len(lr)}")
+        raise DataError(str(hr_path), f"holds {len(hr)} images but {lr_path} holds {len(lr)}")
     expected = (lr.shape[1] * scale, lr.shape[2] * scale)
     if hr.shape[1:] != expected:
-        raise SpaceError(
+        raise DataError(
             str(hr_path),
             f"HR shape {hr.shape[1:]} is not {scale} x the LR shape {lr.shape[1:]} of {lr_path} "
             f"(expected {expected})",
         )
     if min(expected) < MIN_HR_SIDE:
-        raise SpaceError(
+        raise DataError(
             str(hr_path), f"HR images of {expected} are too small; SSIM needs at least 11x11 pixels"
         )
 
@@ -419,7 +420,7 @@ def load_folder(
 
     Layouts: one array per split (``LR/train.npy``, optional ``LR/validation.npy`` or
     ``LR/val.npy``, optional ``LR/test.npy``), or one image per file with matching names
-    (all returned as ``train``). Any problem raises SpaceError naming the file; with
+    (all returned as ``train``). Any problem raises DataError naming the file; with
     ``unit_range``, so does a value outside [0, 1].
     """
     lr_dir, hr_dir, names = folder_files(folder)
@@ -427,19 +428,19 @@ def load_folder(
     stacked = "train" in stems and stems <= set(SPLIT_FILE_NAMES)
     for name in sorted(p.name for p in hr_dir.glob("*.npy")):
         if name not in names:
-            raise SpaceError(str(hr_dir / name), f"has no LR partner {lr_dir / name}")
+            raise DataError(str(hr_dir / name), f"has no LR partner {lr_dir / name}")
     pools: dict[str, tuple[list, list]] = {}
     first: tuple[Path, tuple[int, ...]] | None = None
     for name in names:
         lr_path, hr_path = lr_dir / name, hr_dir / name
         if not hr_path.is_file():
-            raise SpaceError(str(lr_path), f"has no HR partner {hr_path}")
+            raise DataError(str(lr_path), f"has no HR partner {hr_path}")
         lr = _as_images(lr_path, _load_array(lr_path, unit_range), stacked)
         hr = _as_images(hr_path, _load_array(hr_path, unit_range), stacked)
         if first is None:
             first = (lr_path, lr.shape[1:])
         elif lr.shape[1:] != first[1]:
-            raise SpaceError(
+            raise DataError(
                 str(lr_path), f"LR shape {lr.shape[1:]} differs from {first[1]} of {first[0]}"
             )
         _check_pair(lr_path, lr, hr_path, hr, scale)
@@ -471,7 +472,7 @@ def folder_dataset(
             continue
         count = max(1, round(fraction * len(train_lr)))
         if len(train_lr) - count < 1:
-            raise SpaceError(
+            raise DataError(
                 str(Path(folder) / "LR"),
                 f"too few pairs ({len(train_lr)}) for a {split} split of {count} and training",
             )

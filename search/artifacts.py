@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
-from lensnas.search.storage import artifact_root
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
 from optuna.trial import FrozenTrial
+
+from lensnas.search.storage import artifact_root
 
 ARTIFACTS_ATTR = "artifacts"
 WEIGHTS = "weights.pt"

@@ -12,8 +12,10 @@ import warnings
 from collections.abc import Sequence
 
 import optuna
+
 from lensnas.search.spec import SpecError
-from lensnas.search.storage import StorageError, default_storage_url, open_storage, redact
+from lensnas.search.storage import default_storage_url, open_storage, redact
+from lensnas.spaces.errors import LensnasError, OptionError
 
 EXIT_STOPPED = 1
 EXIT_BAD_INPUT = 2
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON for scripts: each trial's number, state, values, params and metrics",
     )
 
-    baseline = commands.add_parser("baseline", help="reference estimators on a shear study's test set")
+    baseline = commands.add_parser("baseline", help="baseline estimators on a study's test set")
     baseline.add_argument("study_file")
     baseline.add_argument("--noise", default=None, help="comma-separated noise levels, e.g. 1e-5,1e-3,1e-2")
     baseline.add_argument("--cache-dir", default=None, help="dataset and reference cache")
@@ -128,25 +130,38 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _baseline(args: argparse.Namespace) -> int:
-    from lensnas.search.baseline import baseline_rows, print_baseline
+    from rich.table import Table
+
+    from lensnas.search.comparison import comparison_rows
     from lensnas.search.spec import load_spec
     from lensnas.search.summary import output_console
 
     spec = load_spec(args.study_file)
-    if spec.objective != "shear":
-        raise SpecError(f"{spec.path}: study.objective: baseline needs a shear study, got '{spec.objective}'")
     noise_levels = None
     if args.noise:
         try:
             noise_levels = [float(x) for x in args.noise.split(",")]
         except ValueError:
-            raise SpecError(f"--noise: expected comma-separated numbers, got {args.noise!r}") from None
+            raise OptionError(f"--noise: expected comma-separated numbers, got {args.noise!r}") from None
         if any(not 0 <= x < 1e3 for x in noise_levels):
-            raise SpecError(f"--noise: noise levels must be in [0, 1000), got {args.noise!r}")
+            raise OptionError(f"--noise: noise levels must be in [0, 1000), got {args.noise!r}")
     objective = spec.make_objective(args.cache_dir, progress=not args.quiet)
-    rows = baseline_rows(objective.simulation, objective.counts["test"], spec.seed, noise_levels,
-                         objective.cache_dir, not args.quiet)
-    print_baseline(rows, output_console())
+    baselines = objective.baseline_table(noise_levels)
+    header, rows = comparison_rows(
+        type(objective), baselines, extra=objective.BASELINE_COLUMNS, describe=False
+    )
+    table = Table(title=f"Baselines of {spec.name} on its test set ({spec.objective})",
+                  caption="± values: 1-sigma errors (jackknife)")
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = output_console()
+    console.print(table)
+    for name, description in {b.name: b.description for b in baselines}.items():
+        console.print(f"{name}: {description}", highlight=False)
+    for line in objective.baseline_notes():
+        console.print(f"[dim]{line}[/dim]")
     return 0
 
 
@@ -190,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
         return COMMANDS[args.command](args)
-    except (SpecError, StorageError) as error:
+    except LensnasError as error:
         print(f"lensnas {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as error:  # a folder that cannot be written (--cache-dir, -o), a full disk

@@ -8,8 +8,8 @@ from typing import Any, TextIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from lensnas.search.artifacts import artifact_store
-from lensnas.search.spec import SpecError
 from lensnas.search.storage import artifact_root, open_storage, redact
+from lensnas.spaces.errors import OptionError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -33,13 +33,13 @@ def serve(
     from optuna_dashboard import wsgi
 
     if not 0 <= port <= 65535:
-        raise SpecError(f"--port: must be 0-65535 (0: any free port), got {port}")
+        raise OptionError(f"--port: must be 0-65535 (0: any free port), got {port}")
     storage = open_storage(storage_url, must_exist=True)
     store = artifact_store(storage_url)
     try:
         server = make_server(host, port, wsgi(storage, artifact_store=store))
     except OSError as error:
-        raise SpecError(
+        raise OptionError(
             f"--host {host} --port {port}: cannot listen ({error.strerror or error}); "
             "choose another --port (0: any free port) or --host"
         ) from None

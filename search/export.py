@@ -17,15 +17,19 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from lensnas import spaces
-from lensnas.search.artifacts import ARCHITECTURE, WEIGHTS, artifact_store, download_trial_artifacts
-from lensnas.search.report import lensnas_version, metric_rows, reference_metrics
-from lensnas.search.spec import SpecError, StudySpec
-from lensnas.search.storage import redact
-from lensnas.search.summary import best_trials, format_value, summary_columns
-from lensnas.spaces.loading import ArchitectureError, read_architecture
 from optuna.trial import FrozenTrial
 from torch import nn
+
+from lensnas import spaces
+from lensnas.search.artifacts import ARCHITECTURE, WEIGHTS, artifact_store, download_trial_artifacts
+from lensnas.search.comparison import comparison_rows, study_baselines, study_objective_class
+from lensnas.search.report import lensnas_version, metric_rows
+from lensnas.search.spec import SpecError, StudySpec
+from lensnas.search.storage import redact
+from lensnas.search.summary import best_trials, format_value, markdown_table, summary_columns
+from lensnas.spaces.errors import OptionError
+from lensnas.spaces.family import Axes
+from lensnas.spaces.loading import ArchitectureError, read_architecture
 
 TORCHSCRIPT = "model.ts"
 ONNX = "model.onnx"
@@ -37,48 +41,21 @@ class ExportError(SpecError):
     """A trial that cannot be exported (no stored artifacts, bad spec, missing exporter)."""
 
 
-Axes = dict[int, str]
-
-
 def example_input(
     spec: dict[str, Any], batch: int = 2, seed: int = 0
-) -> tuple[torch.Tensor, Axes, Axes]:
-    """A random input for the network of ``spec``; its and the output's dynamic axes."""
-    generator = torch.Generator().manual_seed(seed)
-    channels = int(spec.get("in_channels", 1))
-    if spec["family"] == "shear_cnn":
-        size = int(spec["image_size"])
-        scale = 1.0 / float(spec.get("input_scale", 1.0))  # about the pixel noise of the stamps
-        x = torch.randn(batch, channels, size, size, generator=generator) * scale
-        return x, {0: "batch"}, {0: "batch"}
-    if spec["family"] == "sr_net":
-        x = torch.rand(batch, channels, 32, 32, generator=generator)
-        return (
-            x,
-            {0: "batch", 2: "height", 3: "width"},
-            {0: "batch", 2: "out_height", 3: "out_width"},
-        )
-    raise ExportError(f"no example input known for model family {spec['family']!r}")
+) -> tuple[torch.Tensor, dict[int, str], dict[int, str]]:
+    """A random input for the network of ``spec`` (its family's); its and the output's
+    dynamic axes."""
+    family = spaces.family(spec["family"])
+    if family.example_input is None:
+        raise ExportError(f"model family {family.name!r} declares no example input")
+    return family.example_input(spec, batch, torch.Generator().manual_seed(seed))
 
 
 def input_description(spec: dict[str, Any]) -> str:
-    """What the network takes and returns, in words."""
-    channels = int(spec.get("in_channels", 1))
-    if spec["family"] == "shear_cnn":
-        size = spec["image_size"]
-        extra = " (channel 2: the PSF image)" if channels == 2 else ""
-        return (
-            f"input: float32 tensor (N, {channels}, {size}, {size}) of galaxy stamps in the "
-            f"simulation's flux units{extra}; the network rescales inputs itself. "
-            "output: (N, 2) = (g1, g2)."
-        )
-    if spec["family"] == "sr_net":
-        scale = spec.get("scale", 2)
-        return (
-            f"input: float32 tensor (N, {channels}, H, W) of low-resolution images normalised to "
-            f"[0, 1]; output: (N, {channels}, {scale}H, {scale}W) super-resolved images."
-        )
-    return "see architecture.json"
+    """What the network takes and returns, in words (its family's description)."""
+    family = spaces.family(spec["family"])
+    return family.describe_io(spec) if family.describe_io else "see architecture.json"
 
 
 def torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> torch.jit.ScriptModule:
@@ -207,7 +184,7 @@ def export_study(
 ) -> list[Path]:
     """Export the ``top`` best completed trials of ``study`` into ``output/trial-<n>/``."""
     if top < 1:
-        raise SpecError(f"--top: must be at least 1, got {top}")
+        raise OptionError(f"--top: must be at least 1, got {top}")
     trials = best_trials(study, top)
     if not trials:
         raise SpecError(f"study '{study.study_name}' has no completed trial to export")
@@ -250,29 +227,17 @@ def _check_dataset(study: optuna.Study, objective: Any) -> None:
         )
 
 
-def _table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _reference_text(study: optuna.Study, trial: FrozenTrial, first: tuple[str, ...]) -> str:
-    """The network's and the reference estimators' metrics side by side (markdown)."""
-    references = reference_metrics(study, trial)
-    if not references:
-        name = study.user_attrs.get("reference", "none")
-        return f"No reference-estimator metrics stored in this study (reference: {name!r})."
-    keys = [k for k in first if any(k in r for r in references.values())]
-    if not keys:
-        keys = sorted({k for r in references.values() for k in r if not k.endswith("_err")})
-    rows = {f"this network (trial {trial.number})": trial.user_attrs, **references}
-    return _table(
-        [
-            (name, *(format_value(r.get(k), r.get(f"{k}_err")) for k in keys))
-            for name, r in rows.items()
-        ],
-        ("estimator", *keys),
+def _reference_text(study: optuna.Study, trial: FrozenTrial) -> str:
+    """The network beside the study's baselines (markdown)."""
+    attrs = study.user_attrs
+    baselines = [b for b in study_baselines(attrs) if not b.conditions]
+    if not baselines:
+        return "No baseline stored with this study (no reference estimator or interpolation)."
+    header, rows = comparison_rows(
+        study_objective_class(attrs), baselines,
+        (f"this network (trial {trial.number})", trial.user_attrs),
     )
+    return markdown_table(header, rows)
 
 
 def _data_configuration(study: optuna.Study) -> dict[str, Any]:
@@ -300,12 +265,12 @@ def model_card(
     metrics = tuple(attrs.get("metrics", ()))
     directions = [d.name.lower() for d in study.directions]
     first = tuple(dict.fromkeys((*metrics, *summary_columns(study))))
-    metric_table = _table(
+    metric_table = markdown_table(
+        ("metric", "value", "error"),
         [
             (name, format_value(value), "" if error is None else f"{error:.2e}")
             for name, value, error in metric_rows(trial.user_attrs, first)
         ],
-        ("metric", "value", "error"),
     )
     ranked_by = ", ".join(f"{m} ({d})" for m, d in zip(metrics, directions))
     counts = "".join(
@@ -316,7 +281,6 @@ def model_card(
         f"{name} max |difference| {value:.1e}" for name, value in differences.items()
     )
     preset = f" (preset {trial.user_attrs['preset']})" if "preset" in trial.user_attrs else ""
-    folder = f"trial-{trial.number}"
     lines = [
         f"# {study.study_name}: trial {trial.number}{preset}",
         "",
@@ -343,7 +307,7 @@ def model_card(
         "",
         "## Reference estimators",
         "",
-        _reference_text(study, trial, first),
+        _reference_text(study, trial),
         "",
         "## Data configuration",
         "",
@@ -369,16 +333,30 @@ def model_card(
         "",
         "## How to load",
         "",
-        "```python",
-        "from lensnas import spaces",
-        f'model = spaces.load("{folder}")  # nn.Module in eval mode',
+        (
+            "lensnas is installed from its repository (it is not on PyPI): "
+            "`pip install torch==2.13.0 && pip install -e <lensnas clone>`; that install "
+            "includes onnxruntime. Run this next to this card (paths relative to its folder):"
+        ),
         "",
-        "import torch",
-        f'scripted = torch.jit.load("{folder}/{TORCHSCRIPT}")',
+        "```python",
+        "from pathlib import Path",
         "",
         "import onnxruntime",
-        f'session = onnxruntime.InferenceSession("{folder}/{ONNX}")',
-        'outputs = session.run(None, {"input": x.numpy()})[0]',
+        "import torch",
+        "",
+        "from lensnas import spaces",
+        "from lensnas.search.export import example_input",
+        "",
+        "folder = Path(\".\")  # this card's folder: run from it, or write its path here",
+        "model = spaces.load(folder)  # nn.Module in eval mode",
+        "x, _, _ = example_input(spaces.loading.read_architecture(folder))  # input of the right shape",
+        "with torch.no_grad():",
+        "    y = model(x)",
+        f'scripted = torch.jit.load(str(folder / "{TORCHSCRIPT}"))',
+        f'session = onnxruntime.InferenceSession(str(folder / "{ONNX}"))',
+        'y_onnx = session.run(None, {"input": x.numpy()})[0]',
+        "print(y.shape, abs(y.numpy() - y_onnx).max())",
         "```",
         "",
     ]

@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from rich.console import Console
+
 from lensnas.objectives.cache import cache_root
 from lensnas.search.local import run_local
 from lensnas.search.spec import SpecError, StudySpec, load_spec
 from lensnas.search.storage import artifact_root, default_storage_url, open_storage, redact
 from lensnas.search.study import fail_abandoned_trials, finished_count, open_study, resolve_device
 from lensnas.search.summary import output_console, print_best
-from rich.console import Console
+from lensnas.spaces.errors import OptionError
 
 logger = logging.getLogger("lensnas")
 
@@ -44,9 +46,9 @@ def launch(
     cpus_per_trial, max_concurrent, address).
     """
     if executor not in EXECUTORS:
-        raise SpecError(f"--executor: unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
+        raise OptionError(f"--executor: unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
     if max_failures < 0:
-        raise SpecError(f"--max-failures: must be 0 (never stop) or more, got {max_failures}")
+        raise OptionError(f"--max-failures: must be 0 (never stop) or more, got {max_failures}")
     if executor == "ray":
         from lensnas.search.ray_driver import check_ray_options
 
@@ -60,7 +62,7 @@ def launch(
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise SpecError(f"--cache-dir {folder}: cannot create it ({error.strerror or error})") from None
+        raise OptionError(f"--cache-dir {folder}: cannot create it ({error.strerror or error})") from None
     url = storage or default_storage_url()
     console = console or Console(stderr=True, quiet=quiet)
     study = open_study(spec, open_storage(url))

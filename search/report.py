@@ -13,7 +13,6 @@ import base64
 import datetime
 import html
 import json
-import math
 import warnings
 from collections.abc import Callable
 from importlib import metadata
@@ -24,20 +23,16 @@ import optuna
 import plotly.graph_objects as go
 import plotly.io
 import plotly.offline
-from lensnas.objectives.diagnostics import FIGURE
-from lensnas.objectives.shear_data import GalaxySimulation
-from lensnas.objectives.shear_metrics import NOISE_PREFIX, noise_prefix
-from lensnas.search.artifacts import artifact_store, read_trial_artifact
-from lensnas.search.summary import best_trials, format_params, format_value, summary_columns
 from optuna.trial import FrozenTrial, TrialState
-from plotly.subplots import make_subplots
+
+from lensnas.objectives.base import FIGURE, TrialRecord
+from lensnas.objectives.report_html import figure_html, html_table, note
+from lensnas.search.artifacts import artifact_store, read_trial_artifact
+from lensnas.search.comparison import comparison_rows, study_baselines, study_objective_class
+from lensnas.search.summary import best_trials, summary_columns, trial_header, trial_rows
 
 TOP_TRIALS = 10
-REFERENCE_PREFIX = "ref_"
-BASELINE_PREFIX = "bicubic_"
 NOT_METRICS = ("seed", "epochs_run")
-BIAS_KEYS = ("m1", "m2", "c1", "c2")
-REFERENCE_COLUMNS = ("rmse", *BIAS_KEYS, "abs_m", "abs_c", "psnr", "ssim", "mse", "n_failed")
 
 
 def lensnas_version() -> str:
@@ -56,7 +51,6 @@ def metric_values(attrs: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float))
         and not isinstance(value, bool)
         and key not in NOT_METRICS
-        and not key.startswith(REFERENCE_PREFIX)
     }
 
 
@@ -72,69 +66,19 @@ def metric_rows(
     return [(name, values[name], values.get(f"{name}_err")) for name in names]
 
 
-def reference_metrics(
-    study: optuna.Study, trial: FrozenTrial | None = None
-) -> dict[str, dict[str, float]]:
-    """Stored reference-estimator metrics as ``{estimator: {metric: value}}``.
-
-    Read from the study's (then the trial's) user attributes ``ref_<estimator>_<metric>``
-    or ``ref_<metric>``; metric names are those of the trial's own metrics when known. The
-    SR objective's baseline (study attributes ``bicubic_<metric>``) is the estimator "bicubic".
-    """
-    attrs = dict(study.user_attrs)
-    if trial is not None:
-        attrs.update(trial.user_attrs)
-    known = sorted(
-        metric_values(trial.user_attrs) if trial is not None else {}, key=len, reverse=True
+def _comparison_section(study: optuna.Study, best: FrozenTrial | None) -> str:
+    """The best network beside the study's baselines (reference estimators, interpolation)."""
+    if best is None:
+        return note("No completed trial yet.")
+    attrs = study.user_attrs
+    baselines = [b for b in study_baselines(attrs) if not b.conditions]
+    if not baselines:
+        return note("This study stored no baseline (its objective has no reference estimator, "
+                    "or it was switched off).")
+    header, rows = comparison_rows(
+        study_objective_class(attrs), baselines, (f"network (trial {best.number})", best.user_attrs)
     )
-    default_name = str(
-        study.user_attrs.get("reference") or _objective_options(study).get("reference", "reference")
-    )
-    found: dict[str, dict[str, float]] = {}
-    for key, value in attrs.items():
-        if not key.startswith(REFERENCE_PREFIX):
-            continue
-        rest = key[len(REFERENCE_PREFIX) :]
-        if isinstance(value, dict):  # ref_<estimator> = {metric: value}
-            numbers = metric_values(value)
-            if numbers:
-                found.setdefault(rest, {}).update(numbers)
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        estimator, metric = default_name, rest
-        for name in known if rest not in known else ():
-            if rest.endswith(f"_{name}"):
-                estimator, metric = rest[: -len(name) - 1], name
-                break
-        found.setdefault(estimator, {})[metric] = float(value)
-    bicubic = {
-        key[len(BASELINE_PREFIX) :]: float(value)
-        for key, value in study.user_attrs.items()
-        if key.startswith(BASELINE_PREFIX) and isinstance(value, (int, float))
-    }
-    if bicubic:
-        found["bicubic"] = bicubic
-    return found
-
-
-def _objective_options(study: optuna.Study) -> dict[str, Any]:
-    spec = study.user_attrs.get("spec")
-    return dict(spec.get("objective", {})) if isinstance(spec, dict) else {}
-
-
-def _figure_html(figure: go.Figure, div_id: str) -> str:
-    return plotly.io.to_html(
-        figure,
-        full_html=False,
-        include_plotlyjs=False,
-        div_id=div_id,
-        config={"displaylogo": False, "responsive": True},
-    )
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{html.escape(text)}</p>'
+    return html_table(header, rows, "reference-table")
 
 
 def _section(section_id: str, title: str, body: str) -> str:
@@ -173,11 +117,11 @@ def _plot_per_target(
 ) -> str:
     """One figure of ``plot`` per objective of the study (or a note when nothing completed)."""
     if not complete:
-        return _note("No completed trial yet.")
+        return note("No completed trial yet.")
     parts = []
     for i, (target, name) in enumerate(_targets(study)):
         figure, _ = _quiet_plot(plot, study, target=target, target_name=name)
-        parts.append(_figure_html(figure, f"{slug}-{i}"))
+        parts.append(figure_html(figure, f"{slug}-{i}"))
     return "\n".join(parts)
 
 
@@ -188,7 +132,7 @@ def _importance_section(study: optuna.Study, complete: list[FrozenTrial]) -> str
         if len({json.dumps(t.params.get(name), default=str) for t in complete}) > 1
     }
     if len(complete) < 2 or not varied:
-        return _note(
+        return note(
             f"Parameter importances need at least 2 completed trials whose parameters differ "
             f"({len(complete)} completed so far)."
         )
@@ -199,163 +143,64 @@ def _importance_section(study: optuna.Study, complete: list[FrozenTrial]) -> str
                 optuna.visualization.plot_param_importances, study, target=target, target_name=name
             )
         except (ValueError, RuntimeError) as error:
-            parts.append(_note(f"{name}: parameter importances could not be computed ({error})."))
+            parts.append(note(f"{name}: parameter importances could not be computed ({error})."))
             continue
         if any("will be equal" in m or "too small" in m for m in messages):
             parts.append(
-                _note(
+                note(
                     f"{name}: too few completed trials ({len(complete)}) to estimate "
                     "parameter importances."
                 )
             )
             continue
-        parts.append(_figure_html(figure, f"param-importances-{i}"))
+        parts.append(figure_html(figure, f"param-importances-{i}"))
     return "\n".join(parts)
 
 
 def _intermediate_section(study: optuna.Study) -> str:
     if len(study.directions) > 1:
-        return _note("Optuna records intermediate values for single-objective studies only.")
+        return note("Optuna records intermediate values for single-objective studies only.")
     if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
-        return _note("No trial reported intermediate values.")
+        return note("No trial reported intermediate values.")
     figure, _ = _quiet_plot(optuna.visualization.plot_intermediate_values, study)
-    figure.update_layout(yaxis_title="validation loss", xaxis_title="epoch")
-    return _figure_html(figure, "intermediate-values-0")
+    figure.update_layout(yaxis_title=_score_label(study), xaxis_title="epoch")
+    return figure_html(figure, "intermediate-values-0")
+
+
+def _score_label(study: optuna.Study) -> str:
+    """The per-epoch validation score of the study's objective, in words."""
+    objective = study_objective_class(study.user_attrs)
+    return objective.VALIDATION_SCORE.label if objective else "validation score"
 
 
 def _pareto_section(study: optuna.Study, complete: list[FrozenTrial]) -> str:
     names = [name for _, name in _targets(study)]
     if not complete:
-        return _note("No completed trial yet.")
+        return note("No completed trial yet.")
     if len(names) > 3:
-        return _note(f"The Pareto front is drawn for 2 or 3 metrics; this study has {len(names)}.")
+        return note(f"The Pareto front is drawn for 2 or 3 metrics; this study has {len(names)}.")
     figure, _ = _quiet_plot(optuna.visualization.plot_pareto_front, study, target_names=names)
-    return _figure_html(figure, "pareto-front-0")
+    return figure_html(figure, "pareto-front-0")
 
 
 def _trials_table(study: optuna.Study, trials: list[FrozenTrial]) -> str:
     columns = list(summary_columns(study))
-    head = "".join(
-        f"<th>{html.escape(c)}</th>" for c in ["trial", "state", "seconds", *columns, "params"]
-    )
-    rows = []
-    for trial in trials:
-        attrs = trial.user_attrs
-        duration = trial.duration.total_seconds() if trial.duration else None
-        cells = [str(trial.number), trial.state.name, "" if duration is None else f"{duration:.1f}"]
-        cells += [format_value(attrs.get(c), attrs.get(f"{c}_err")) for c in columns]
-        detail = format_params(trial.params)
-        if "preset" in attrs:
-            detail = f"(preset {attrs['preset']}) {detail}"
-        cells.append(detail)
-        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-
-
-def _reference_section(study: optuna.Study, best: FrozenTrial | None) -> str:
-    if best is None:
-        return _note("No completed trial yet.")
-    references = reference_metrics(study, best)
-    if not references:
-        reference = _objective_options(study).get("reference", "none")
-        return _note(
-            f"This study stored no reference-estimator metrics (ref_* attributes; "
-            f"objective.reference = {reference!r})."
-        )
-    rows = {f"network (trial {best.number})": metric_values(best.user_attrs), **references}
-    metrics = [k for k in REFERENCE_COLUMNS if any(k in r for r in references.values())]
-    if not metrics:  # reference metrics under other names: show them all
-        metrics = sorted({k for r in references.values() for k in r if not k.endswith("_err")})
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["estimator", *metrics])
-    body = "".join(
-        "<tr>"
-        + f"<td>{html.escape(name)}</td>"
-        + "".join(
-            f"<td>{html.escape(format_value(r.get(k), r.get(f'{k}_err')))}</td>" for k in metrics
-        )
-        + "</tr>"
-        for name, r in rows.items()
-    )
-    parts = [
-        f'<table id="reference-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-    ]
-    if any(k in r for r in rows.values() for k in BIAS_KEYS):
-        parts.append(_figure_html(_bias_figure(rows), "bias-comparison-0"))
-    return "\n".join(parts)
-
-
-def _noise_section(study: optuna.Study, best: FrozenTrial) -> str:
-    """The test set at each noise level the study evaluated (``[objective] test_noise_levels``):
-    RMSE and m of the best network and of the reference estimator."""
-    attrs = best.user_attrs
-    base = float(_objective_options(study).get("noise_sigma", GalaxySimulation.noise_sigma))
-    levels = sorted({float(key.split("_", 2)[1]) for key in attrs if key.startswith(NOISE_PREFIX)})
-    prefixes = {base: "", **{level: noise_prefix(level) for level in levels}}
-    columns = ("rmse", "m1", "m2", "ref_rmse", "ref_m1", "ref_m2", "rmse_ratio")
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("noise sigma", *columns))
-    body = "".join(
-        f"<tr><td>{level:g}</td>" + "".join(
-            f"<td>{html.escape(format_value(attrs.get(prefix + c), attrs.get(prefix + c + '_err')))}</td>"
-            for c in columns
-        ) + "</tr>"
-        for level, prefix in sorted(prefixes.items())
-    )
-    figure = go.Figure()
-    for label, key in ((f"network (trial {best.number})", "rmse"), ("reference", "ref_rmse")):
-        points = [(level, attrs.get(prefix + key)) for level, prefix in sorted(prefixes.items())]
-        points = [(level, value) for level, value in points if isinstance(value, (int, float)) and level > 0]
-        if points:
-            figure.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points],
-                                        mode="lines+markers", name=label))
-    figure.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="pixel noise sigma",
-                         yaxis_title="RMSE of g", height=380)
-    return (f'<table id="noise-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n'
-            + _figure_html(figure, "noise-levels-0"))
-
-
-def _bias_figure(rows: dict[str, dict[str, float]]) -> go.Figure:
-    """m and c (with error bars) of the network and each reference estimator."""
-    figure = make_subplots(
-        rows=1, cols=2, subplot_titles=("multiplicative bias m", "additive bias c")
-    )
-    for name, values in rows.items():
-        for col, keys in ((1, ("m1", "m2")), (2, ("c1", "c2"))):
-            present = [k for k in keys if k in values]
-            errors = [values.get(f"{k}_err", float("nan")) for k in present]
-            figure.add_trace(
-                go.Scatter(
-                    x=present,
-                    y=[values[k] for k in present],
-                    mode="markers",
-                    name=name,
-                    legendgroup=name,
-                    showlegend=col == 1,
-                    error_y={
-                        "type": "data",
-                        "array": [e if math.isfinite(e) else 0.0 for e in errors],
-                    },
-                ),
-                row=1,
-                col=col,
-            )
-    figure.add_hline(y=0.0, line_color="gray", line_width=1)
-    figure.update_layout(title="shear bias: network vs reference estimators", height=420)
-    return figure
+    return html_table(trial_header(columns), trial_rows(trials, columns))
 
 
 def _diagnostics_section(
     study: optuna.Study, best: FrozenTrial | None, storage_url: str | None
 ) -> str:
     if best is None:
-        return _note("No completed trial yet.")
+        return note("No completed trial yet.")
     if storage_url is None:
-        return _note("No artifact store given.")
+        return note("No artifact store given.")
     try:
         data = read_trial_artifact(best, artifact_store(storage_url), FIGURE)
     except (OSError, optuna.artifacts.exceptions.ArtifactNotFound) as error:
-        return _note(f"The diagnostic figure of trial {best.number} could not be read ({error}).")
+        return note(f"The diagnostic figure of trial {best.number} could not be read ({error}).")
     if data is None:
-        return _note(f"Trial {best.number} stored no diagnostic figure.")
+        return note(f"Trial {best.number} stored no diagnostic figure.")
     encoded = base64.b64encode(data).decode("ascii")
     alt = f"diagnostic figure of trial {best.number}"
     image = f'<img id="diagnostics-figure" alt="{alt}" src="data:image/png;base64,{encoded}">'
@@ -414,7 +259,7 @@ def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
         _section(
             "top-trials",
             f"Top {len(top)} trials",
-            _trials_table(study, top) if top else _note("No completed trial yet."),
+            _trials_table(study, top) if top else note("No completed trial yet."),
         ),
         _section("optimization-history", "Optimisation history", _plot_per_target(
             study, complete, optuna.visualization.plot_optimization_history, "optimization-history"
@@ -430,7 +275,7 @@ def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
         ),
         _section(
             "intermediate-values",
-            "Intermediate values (validation loss per epoch)",
+            f"Intermediate values ({_score_label(study)} per epoch)",
             _intermediate_section(study),
         ),
     ]
@@ -439,14 +284,15 @@ def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
     sections.append(
         _section(
             "reference-comparison",
-            "Best network vs reference estimators",
-            _reference_section(study, best),
+            "Best network vs baselines",
+            _comparison_section(study, best),
         )
     )
-    if best is not None and any(key.startswith(NOISE_PREFIX) for key in best.user_attrs):
-        sections.append(_section(
-            "noise-levels", "Best network and reference across noise levels", _noise_section(study, best)
-        ))
+    objective = study_objective_class(attrs)
+    if objective is not None:
+        record = None if best is None else TrialRecord(best.number, best.params, best.user_attrs)
+        for part in objective.report_sections(dict(attrs), record):
+            sections.append(_section(part.section_id, part.title, part.html))
     sections.append(
         _section(
             "diagnostics",

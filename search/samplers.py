@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import optuna
+
 from lensnas.search.spec import StudySpec
 
 

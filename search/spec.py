@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lensnas.objectives import OBJECTIVES, objective_class
+from lensnas.objectives import objective_class, objective_names
 from lensnas.spaces import Dimension, SpaceError, parse_space
 from lensnas.spaces.dimensions import closest, parse_dimension
+from lensnas.spaces.errors import OptionError, StudyFileError
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2", "grid")
 PRUNERS = ("none", "median", "hyperband")
@@ -37,8 +38,7 @@ STUDY_KEYS = (
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
-class SpecError(ValueError):
-    """A study file that cannot be run; the message names the file, the key and what is allowed."""
+SpecError = StudyFileError  # a study file that cannot be run: names the file, key, what is allowed
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class StudySpec:
         changes: dict[str, Any] = {}
         if n_trials is not None:
             if n_trials < 1:
-                raise SpecError(f"--n-trials: must be at least 1, got {n_trials}")
+                raise OptionError(f"--n-trials: must be at least 1, got {n_trials}")
             changes["n_trials"] = n_trials
         if seed is not None:
             changes["seed"] = seed
@@ -156,12 +156,13 @@ def _validate(path: Path, raw: dict[str, Any]) -> StudySpec:
     name = _expect("study.name", study["name"], str, "a string")
     if not NAME_PATTERN.match(name):
         raise SpaceError("study.name", f"must be 1-100 letters, digits, '_', '.', '-' (starting with a letter or digit), got {name!r}")
-    objective_name = _one_of("study.objective", study["objective"], tuple(OBJECTIVES))
+    objective_name = _one_of("study.objective", study["objective"], tuple(objective_names()))
     cls = objective_class(objective_name)
 
     metrics = _string_list("study.metrics", study.get("metrics", cls.DEFAULT_METRIC))
+    optimisable = tuple(name for name, metric in cls.METRICS.items() if metric.direction)
     for i, metric in enumerate(metrics):
-        _one_of(f"study.metrics[{i}]", metric, tuple(cls.METRICS))
+        _one_of(f"study.metrics[{i}]", metric, optimisable)
     if len(set(metrics)) != len(metrics):
         raise SpaceError("study.metrics", f"has repeated metrics: {list(metrics)}")
     if "directions" in study:
@@ -171,12 +172,19 @@ def _validate(path: Path, raw: dict[str, Any]) -> StudySpec:
         if len(directions) != len(metrics):
             raise SpaceError("study.directions", f"needs one direction per metric ({len(metrics)}), got {len(directions)}")
     else:
-        directions = tuple(cls.METRICS[m] for m in metrics)
+        directions = tuple(cls.METRICS[m].direction for m in metrics)
 
     sampler = _one_of("study.sampler", study.get("sampler", "tpe" if len(metrics) == 1 else "nsga2"), SAMPLERS)
     pruner = _one_of("study.pruner", study.get("pruner", "median" if len(metrics) == 1 else "none"), PRUNERS)
     if len(metrics) > 1 and pruner != "none":
         raise SpaceError("study.pruner", 'Optuna cannot prune multi-objective studies; allowed: "none"')
+    score = cls.VALIDATION_SCORE
+    if pruner != "none" and directions[0] != score.direction:
+        raise SpaceError(
+            "study.pruner",
+            f"the pruner compares trials by their {score.label} ({score.direction}), but the "
+            f"study's metric is to {directions[0]}; allowed here: \"none\"",
+        )
     if sampler == "gp" and len(metrics) > 1:
         raise SpaceError("study.sampler", "gp is single-objective here; allowed for several metrics: tpe, random, nsga2, grid")
     n_trials = _expect("study.n_trials", study.get("n_trials", 20), int, "an integer")
@@ -197,8 +205,7 @@ def _validate(path: Path, raw: dict[str, Any]) -> StudySpec:
     family.check_space(space)
     training, device = _training(raw.get("training", {}), family, {d.name for d in space})
     options = cls.check_options(raw.get("objective", {}))
-    if hasattr(cls, "check_metrics"):
-        cls.check_metrics(metrics, options)
+    cls.check_metrics(metrics, options)
 
     presets = _string_list("study.presets", study["presets"]) if study.get("presets", []) != [] else ()
     for i, preset in enumerate(presets):

@@ -15,6 +15,8 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
+from lensnas.spaces.errors import StorageError
+
 DEFAULT_STORAGE = "sqlite:///lensnas.db"
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 90
@@ -29,8 +31,6 @@ DRIVER_INSTALL = {
 }
 
 
-class StorageError(RuntimeError):
-    """A storage URL that is malformed or cannot be reached (message never shows a password)."""
 
 
 def parse_url(url: str) -> URL | None:

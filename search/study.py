@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 import optuna
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.trial import TrialState
+
 from lensnas.objectives.base import TrialPruned
 from lensnas.search.artifacts import store_trial_artifacts
 from lensnas.search.samplers import make_pruner, make_sampler
 from lensnas.search.spec import SpecError, StudySpec
 from lensnas.spaces.dimensions import admits, suggest
-from optuna.artifacts import FileSystemArtifactStore
-from optuna.trial import TrialState
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FAIL_REASON = "fail_reason"
@@ -112,8 +113,10 @@ class OptunaContext:
         self.seed = seed
         self.multi_objective = multi_objective
         self.on_log = on_log
+        self.last_step = 0
 
     def report(self, step: int, value: float) -> None:
+        self.last_step = max(self.last_step, step)
         if not self.multi_objective:  # Optuna keeps intermediate values for single objectives only
             self.trial.report(value, step)
 
@@ -150,6 +153,11 @@ def evaluate(
         store = artifact_store or FileSystemArtifactStore(artifact_root)
         store_trial_artifacts(trial, artifact_dir, store=store)
     except TrialPruned as pruned:
+        if spec.metrics[0] != objective.VALIDATION_SCORE.metric:
+            # Optuna stores a pruned trial's last intermediate value as its value; a validation
+            # score in other units would then pass for the study's metric. A last NaN leaves
+            # the pruned trial without a value (pruners ignore NaN).
+            trial.report(float("nan"), ctx.last_step + 1)
         raise optuna.TrialPruned(str(pruned)) from None
     except KeyboardInterrupt:
         trial.set_user_attr(FAIL_REASON, "interrupted (Ctrl-C or SIGTERM)")
@@ -157,8 +165,8 @@ def evaluate(
     except Exception as error:
         trial.set_user_attr(FAIL_REASON, f"{type(error).__name__}: {error}"[:2000])
         raise
-    for key, value in metrics.items():
-        trial.set_user_attr(key, float(value))
+    for key, value in metrics.items():  # a dict is a group of metrics stored together
+        trial.set_user_attr(key, _json_safe(value) if isinstance(value, dict) else float(value))
     trial.set_user_attr("artifact_dir", str(artifact_dir))
     values = [float(metrics[m]) for m in spec.metrics]
     bad = [m for m, v in zip(spec.metrics, values) if not math.isfinite(v)]

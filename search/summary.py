@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
@@ -11,22 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import optuna
-from lensnas.search.study import FAIL_REASON
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
-
-def format_value(value: Any, error: Any = None) -> str:
-    """A metric as ``1.23e-03 ± 4.0e-04`` (error optional)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return "" if value is None else str(value)
-    if not math.isfinite(value):
-        return str(value)
-    text = f"{value:.4g}" if 1e-2 <= abs(value) < 1e4 or value == 0 else f"{value:.3e}"
-    if isinstance(error, (int, float)) and math.isfinite(error):
-        text += f" ± {error:.1e}"
-    return text
+from lensnas.objectives.report_html import format_value, html_table  # noqa: F401 (re-exported)
+from lensnas.search.study import FAIL_REASON
 
 
 def format_params(params: dict[str, Any]) -> str:
@@ -170,18 +159,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def html_table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str | None = None
-) -> str:
-    """An HTML ``<table>`` with a ``<thead>`` and HTML-escaped cells."""
-    attribute = f' id="{html.escape(table_id)}"' if table_id else ""
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table{attribute}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def fit_columns(
     trials: Sequence[FrozenTrial], required: Sequence[str], optional: Sequence[str], width: int
 ) -> tuple[list[str], list[str]]:
@@ -249,7 +226,7 @@ def summary_columns(study: optuna.Study) -> tuple[str, ...]:
 
     metrics = tuple(study.user_attrs.get("metrics", ()))
     try:
-        columns = tuple(objective_class(study.user_attrs["objective"]).SUMMARY)
+        columns = objective_class(study.user_attrs["objective"]).summary_metrics()
     except (KeyError, ImportError):
         columns = ()
     return columns + tuple(m for m in metrics if m not in columns)

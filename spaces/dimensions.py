@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lensnas.spaces.errors import StudyFileError
+
 Scalar = bool | int | float | str
 TYPES = ("int", "float", "categorical")
 KEYS_BY_TYPE = {
@@ -28,8 +30,8 @@ KEYS_BY_TYPE = {
 }
 
 
-class SpaceError(ValueError):
-    """A malformed dimension; ``key`` is the dotted path inside the study file."""
+class SpaceError(StudyFileError):
+    """A malformed dimension or option; ``key`` is the dotted path inside the study file."""
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")

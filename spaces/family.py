@@ -1,4 +1,5 @@
-"""A model family: the parameters it understands, their allowed values, its builder and presets."""
+"""A model family: the parameters it understands, their allowed values, its builder, presets,
+and what its networks take and return (an example input for export, the I/O in words)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lensnas.spaces.dimensions import Dimension, SpaceError, closest
+import torch
 from torch import nn
+
+from lensnas.spaces.dimensions import Dimension, SpaceError, closest
+
+Axes = dict[int, str]
+# (architecture spec, batch size, generator) -> (input, its dynamic axes, the output's)
+ExampleInput = Callable[[dict[str, Any], int, torch.Generator], tuple[torch.Tensor, Axes, Axes]]
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,13 @@ class Range:
 
 @dataclass(frozen=True)
 class Family:
-    """Everything the engine needs to know about one kind of network."""
+    """Everything the engine needs to know about one kind of network.
+
+    ``build(config, **arguments)`` makes the network from its architecture parameters and the
+    keyword arguments stored in an export's architecture.json; ``example_input`` gives a random
+    input of the right shape and units (export traces and checks on it) and ``describe_io``
+    says in words what the network takes and returns (model cards).
+    """
 
     name: str
     version: int
@@ -60,6 +73,8 @@ class Family:
     rules: dict[str, Choice | Range]
     defaults: dict[str, Any]
     architecture_keys: tuple[str, ...]
+    example_input: ExampleInput | None = None
+    describe_io: Callable[[dict[str, Any]], str] | None = None
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def check_space(self, dimensions: list[Dimension], prefix: str = "space") -> None:

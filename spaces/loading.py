@@ -14,18 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from lensnas.spaces.errors import ArchitectureError
+
 ARCHITECTURE_FILE = "architecture.json"
 WEIGHTS_FILE = "weights.pt"
 HEADER_KEYS = ("family", "version", "config")
 
 
-class ArchitectureError(ValueError):
-    """An architecture spec that cannot be rebuilt; the message names the file and the key."""
 
 
 def read_architecture(path: str | Path) -> dict[str, Any]:
     """The architecture spec in ``path`` (a folder or its architecture.json), checked."""
-    from lensnas.spaces import FAMILIES
+    from lensnas.spaces import family, family_names
 
     path = Path(path)
     if path.is_dir():
@@ -42,11 +42,11 @@ def read_architecture(path: str | Path) -> dict[str, Any]:
         if key not in spec:
             raise ArchitectureError(f"{path}: {key}: missing (required)")
     name = spec["family"]
-    if name not in FAMILIES:
-        known = ", ".join(sorted(FAMILIES))
+    if name not in family_names():
+        known = ", ".join(family_names())
         raise ArchitectureError(f"{path}: family: unknown model family {name!r}; known: {known}")
     version = spec["version"]
-    supported = FAMILIES[name].version
+    supported = family(name).version
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ArchitectureError(f"{path}: version: must be a positive integer, got {version!r}")
     if version > supported:
@@ -61,9 +61,9 @@ def read_architecture(path: str | Path) -> dict[str, Any]:
 
 def build(spec: dict[str, Any], source: str | Path = "architecture") -> nn.Module:
     """The untrained network of an architecture spec (``source`` names it in errors)."""
-    from lensnas.spaces import FAMILIES
+    from lensnas.spaces import family as registered_family
 
-    family = FAMILIES[spec["family"]]
+    family = registered_family(spec["family"])
     missing = [key for key in family.architecture_keys if key not in spec["config"]]
     if missing:
         raise ArchitectureError(

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
 from lensnas.spaces.family import Choice, Family, Range
 from lensnas.spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
-from torch import nn
 
 POOLINGS = ("max", "avg", "conv", "none")
 HEADS = ("gap", "dense")
@@ -111,6 +112,27 @@ def build_shear_cnn(
     return ShearCNN(config, in_channels, image_size, 2, input_scale, output_scale)
 
 
+def example_stamps(
+    spec: dict[str, Any], batch: int, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[int, str], dict[int, str]]:
+    """Random stamps of the exported network's shape, at about the pixel noise of its data."""
+    channels, size = int(spec.get("in_channels", 1)), int(spec["image_size"])
+    scale = 1.0 / float(spec.get("input_scale", 1.0))
+    x = torch.randn(batch, channels, size, size, generator=generator) * scale
+    return x, {0: "batch"}, {0: "batch"}
+
+
+def describe_stamps(spec: dict[str, Any]) -> str:
+    """What an exported shear CNN takes and returns, in words."""
+    channels, size = int(spec.get("in_channels", 1)), spec["image_size"]
+    extra = " (channel 2: the PSF image)" if channels == 2 else ""
+    return (
+        f"input: float32 tensor (N, {channels}, {size}, {size}) of galaxy stamps in the "
+        f"simulation's flux units{extra}; the network rescales inputs itself. "
+        "output: (N, 2) = (g1, g2)."
+    )
+
+
 TRAINING_RULES = {
     "learning_rate": Range(1e-7, 1.0),
     "batch_size": Range(1, 65536, integer=True),
@@ -160,5 +182,7 @@ SHEAR_CNN = Family(
         "weight_decay": 0.0,
     },
     architecture_keys=tuple(SHEARNET_CNN),
+    example_input=example_stamps,
+    describe_io=describe_stamps,
     presets={"shearnet_cnn": SHEARNET_CNN},
 )

@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from lensnas.spaces.family import Choice, Family, Range
 from lensnas.spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
 from lensnas.spaces.shear_cnn import TRAINING_RULES
-from torch import nn
 
 BACKBONES = ("resnet", "srcnn", "fsrcnn")
 UPSAMPLERS = ("pixel_shuffle", "transposed", "interpolate")
@@ -240,6 +241,27 @@ def build_sr_net(config: dict[str, Any], in_channels: int = 1, scale: int = 2) -
     return SRNet(config, in_channels=in_channels, scale=scale)
 
 
+def example_images(
+    spec: dict[str, Any], batch: int, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[int, str], dict[int, str]]:
+    """Random [0, 1] low-resolution images (any height and width work: dynamic axes)."""
+    x = torch.rand(batch, int(spec.get("in_channels", 1)), 32, 32, generator=generator)
+    return (
+        x,
+        {0: "batch", 2: "height", 3: "width"},
+        {0: "batch", 2: "out_height", 3: "out_width"},
+    )
+
+
+def describe_images(spec: dict[str, Any]) -> str:
+    """What an exported SR network takes and returns, in words."""
+    channels, scale = int(spec.get("in_channels", 1)), spec.get("scale", 2)
+    return (
+        f"input: float32 tensor (N, {channels}, H, W) of low-resolution images normalised to "
+        f"[0, 1]; output: (N, {channels}, {scale}H, {scale}W) super-resolved images."
+    )
+
+
 SR_NET = Family(
     name="sr_net",
     version=1,
@@ -290,6 +312,8 @@ SR_NET = Family(
         "upsampler",
         "global_skip",
     ),
+    example_input=example_images,
+    describe_io=describe_images,
     presets={
         # DeepLense SR tests' ResNet SISR: SRResNet-style, 10 residual blocks with batch norm,
         # 9x9 head and reconstruction, PReLU, one pixel-shuffle x2 stage.

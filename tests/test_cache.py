@@ -6,6 +6,7 @@ import multiprocessing
 import time
 
 import numpy as np
+
 from lensnas.objectives.cache import cached_arrays, config_hash, entry_path, load_entry
 
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import optuna
 import pytest
+
 from lensnas.search.artifacts import trial_artifact_ids
 from lensnas.search.cli import main
-
 from tests.test_export import TinyStudy, tiny_shear_study
 
 START_SECONDS = 60

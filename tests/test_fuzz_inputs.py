@@ -10,10 +10,10 @@ import numpy as np
 import optuna
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from lensnas.objectives.sr_data import folder_dataset
 from lensnas.search.cli import main
-from lensnas.spaces.dimensions import SpaceError
-
+from lensnas.spaces.errors import DataError
 from tests.conftest import write_tiny_shear_study
 
 
@@ -68,7 +68,7 @@ def test_corrupted_sr_folder_gives_one_line_naming_the_file(tmp_path, side, inde
     victim.write_bytes(data)
     try:
         dataset = folder_dataset(folder, 2, validation_fraction=0.25, test_fraction=0.25, seed=0, normalize=True)
-    except SpaceError as error:
+    except DataError as error:
         message = str(error)
         assert message.startswith(str(folder)) and "\n" not in message
         return

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lensnas.search.spec import SpecError, load_spec
 
+from lensnas.search.spec import SpecError, load_spec
 from tests.conftest import TINY_SHEAR_STUDY
 
 BASE = TINY_SHEAR_STUDY.format(name="fuzz", n_trials=2, epochs=1, pruner="none", objective_extra="")

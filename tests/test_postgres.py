@@ -17,11 +17,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from lensnas.search.cli import main
-from lensnas.search.study import trial_seed
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from lensnas.search.cli import main
+from lensnas.search.study import trial_seed
 from tests.conftest import in_ci
 from tests.ray_fixtures import load, ray_session, write_ray_study
 

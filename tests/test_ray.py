@@ -10,13 +10,13 @@ import time
 
 import optuna
 import pytest
+from optuna.trial import TrialState
+
 from lensnas.search import launch
 from lensnas.search.cli import main
 from lensnas.search.spec import load_spec
 from lensnas.search.storage import open_storage
 from lensnas.search.study import FAIL_REASON, open_study, trial_seed
-from optuna.trial import TrialState
-
 from tests.ray_fixtures import load, ray_session, write_ray_study
 
 __all__ = ["ray_session"]  # the module-scoped fixture, imported for pytest

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lensnas.search.cli import main
 from optuna.trial import TrialState
 
+from lensnas.search.cli import main
 from tests.ray_fixtures import load, write_ray_study
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ import logging
 import galsim
 import numpy as np
 import pytest
+
 from lensnas.objectives import ngmix_backend
 from lensnas.objectives.cache import entry_path
 from lensnas.objectives.hsm import distortion_to_shear
@@ -23,10 +24,11 @@ from lensnas.objectives.reference import (
     measure,
     reference_config,
 )
+from lensnas.objectives.shear import ShearObjective
+from lensnas.objectives.shear_baseline import baseline_rows
 from lensnas.objectives.shear_data import metacal_benchmark_simulation, simulate_split
 from lensnas.objectives.shear_metrics import linear_bias, rmse
-from lensnas.search.baseline import baseline_rows, print_baseline
-from rich.console import Console
+from lensnas.search.comparison import comparison_rows
 
 NGMIX_RMSE = 4.7e-4
 COUNT = 600
@@ -208,22 +210,24 @@ def test_distortion_to_shear():
     assert np.isnan(distortion_to_shear(1.0, 0.0)[0])
 
 
-def test_baseline_rows_and_table(tmp_path):
+def test_baseline_rows_and_table(tmp_path, caplog):
     simulation = metacal_benchmark_simulation(stamp_size=33)
     rows = baseline_rows(simulation, 40, 7, [1e-5, 1e-3], tmp_path, progress=False)
-    names = [row["estimator"] for row in rows]
+    names = [row.name for row in rows]
     assert names[:3] == ["metacal", "hsm REGAUSS", "hsm KSB"]
-    assert {row["noise_sigma"] for row in rows} == {1e-5, 1e-3}
+    assert {row.conditions["noise_sigma"] for row in rows} == {1e-5, 1e-3}
     for row in rows:
         for key in ("rmse_g1", "rmse_g2", "m1", "m1_err", "m2", "c1", "c2_err", "n_failed"):
-            assert key in row
-        assert row["galaxies_per_core_second"] > 0 and not row["cached"]
-    low_noise = {row["estimator"]: row for row in rows if row["noise_sigma"] == 1e-5}
+            assert key in row.metrics
+        assert row.metrics["galaxies_per_core_second"] > 0 and row.description
+    low_noise = {row.name: row.metrics for row in rows if row.conditions["noise_sigma"] == 1e-5}
     assert low_noise["metacal"]["rmse_g1"] < low_noise["hsm REGAUSS"]["rmse_g1"]
-    again = baseline_rows(simulation, 40, 7, [1e-5], tmp_path, progress=False)
-    assert all(row["cached"] for row in again)
-    assert again[0]["m1"] == low_noise["metacal"]["m1"]
-    console = Console(record=True, width=160)
-    print_baseline(rows, console)
-    text = console.export_text()
-    assert "metacal" in text and "hsm REGAUSS" in text and "1e-03" in text
+    assert low_noise["metacal"]["object_rmse"] > 0  # metacal has a response per galaxy
+    with caplog.at_level(logging.INFO, logger="lensnas"):
+        again = baseline_rows(simulation, 40, 7, [1e-5], tmp_path, progress=False)
+    assert "reference cache miss" not in caplog.text and "reference cache hit" in caplog.text
+    assert again[0].metrics["m1"] == low_noise["metacal"]["m1"]
+    header, table = comparison_rows(ShearObjective, rows, extra=ShearObjective.BASELINE_COLUMNS)
+    assert header[0] == "estimator" and header[-1] == "what it is"
+    assert {"rmse", "m1", "c2", "n_failed"} <= set(header)
+    assert table[0][0] == "metacal (noise_sigma 1e-05)" and len(table) == len(rows)

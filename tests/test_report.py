@@ -7,9 +7,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from lensnas.search.report import build_report, reference_metrics, write_report
-from lensnas.search.summary import best_trials
 
+from lensnas.search.comparison import study_baselines
+from lensnas.search.report import build_report, write_report
+from lensnas.search.summary import best_trials
 from tests.test_export import TinyStudy, tiny_shear_study
 
 REMOTE = re.compile(
@@ -68,43 +69,27 @@ def test_report_tables_show_metrics_with_errors_and_the_reference(shear, report)
     best = best_trials(shear.study, 1)[0]
     assert f"<td>{best.number}</td>" in report
     assert f"± {best.user_attrs['m1_err']:.1e}" in report
-    references = reference_metrics(shear.study, best)
-    assert set(references) == {"hsm"}
-    assert {"rmse", "m1", "m1_err", "c2"} <= set(references["hsm"])
-    assert 'id="reference-table"' in report and "<td>hsm</td>" in report
+    baselines = study_baselines(shear.study.user_attrs)
+    own = [b for b in baselines if not b.conditions]
+    assert [b.key for b in own] == ["reference"]  # HSM has no response: no per-galaxy row
+    assert {"rmse", "m1", "m1_err", "c2"} <= set(own[0].metrics)
+    assert 'id="reference-table"' in report and "<td>hsm, mean response</td>" in report
     assert f"<td>network (trial {best.number})</td>" in report
+    assert "what it is" in report  # every row says in words what it is
 
 
 def test_report_compares_network_and_reference_across_noise_levels(shear, report):
     attrs = best_trials(shear.study, 1)[0].user_attrs
-    expected = {"noise_0.001_rmse", "noise_0.001_m1", "noise_0.001_m1_err", "noise_0.001_ref_rmse",
-                "noise_0.001_rmse_ratio"}
-    assert expected <= set(attrs)
-    assert attrs["noise_0.001_ref_rmse"] > attrs["ref_rmse"]  # HSM at sigma 1e-3 vs the study's 1e-5
+    at_noise = attrs["noise_levels"]["0.001"]  # stored together, not as prefixed keys
+    assert {"rmse", "m1", "m1_err", "rmse_ratio"} <= set(at_noise)
+    assert not any(key.startswith("noise_0") for key in attrs)
+    baselines = study_baselines(shear.study.user_attrs)
+    noisy = [b for b in baselines if b.conditions == {"noise_sigma": 0.001}]
+    own = [b for b in baselines if not b.conditions]
+    assert noisy[0].metrics["rmse"] > own[0].metrics["rmse"]  # HSM at sigma 1e-3 vs the study's 1e-5
+    assert at_noise["rmse_ratio"] == pytest.approx(at_noise["rmse"] / noisy[0].metrics["rmse"])
     assert '<section id="noise-levels">' in report and 'id="noise-levels-0"' in report
     assert "<td>1e-05</td>" in report and "<td>0.001</td>" in report
-    assert set(reference_metrics(shear.study)) == {"hsm"}  # noise-level metrics stay apart
-
-
-def test_reference_attributes_are_grouped_by_estimator():
-    study = optuna.create_study()
-    study.set_user_attr("reference", "metacal")
-    study.set_user_attr("ref_m1", 0.01)
-    study.set_user_attr("ref_paired_m1", 0.02)
-    study.set_user_attr("ref_hsm_m1_err", 0.003)
-    study.set_user_attr("ref_ngmix", {"m1": 0.004, "note": "text is ignored"})
-    study.add_trial(
-        optuna.trial.create_trial(
-            value=0.1,
-            user_attrs={"m1": 0.5, "m1_err": 0.1, "paired_m1": 0.4, "ref_m1": 0.01},
-        )
-    )
-    found = reference_metrics(study, study.trials[0])
-    assert found == {
-        "metacal": {"m1": 0.01, "paired_m1": 0.02},
-        "hsm": {"m1_err": 0.003},
-        "ngmix": {"m1": 0.004},
-    }
 
 
 def test_multi_objective_report_has_a_pareto_front_and_handles_few_trials(tmp_path):

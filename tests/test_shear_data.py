@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+
 from lensnas.objectives.shear import ShearObjective
 from lensnas.objectives.shear_data import GalaxySimulation, simulate, simulate_test_at_noise
 from lensnas.spaces.dimensions import SpaceError

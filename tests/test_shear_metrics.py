@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from lensnas.objectives.shear_metrics import linear_bias, paired_bias, rmse, shear_metrics
 
 

@@ -7,6 +7,7 @@ import itertools
 import optuna
 import pytest
 import torch
+
 from lensnas.spaces import parse_space, suggest
 from lensnas.spaces.dimensions import SpaceError, admits
 from lensnas.spaces.shear_cnn import POOLINGS, SHEAR_CNN, build_shear_cnn

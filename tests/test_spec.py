@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from lensnas.search.spec import SpecError, load_spec
 
+from lensnas.search.spec import SpecError, load_spec
 from tests.conftest import write_tiny_shear_study
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from lensnas.objectives.sr import SRObjective
 from lensnas.objectives.sr_data import (
     POPULATION_DEFAULTS,
@@ -18,6 +19,7 @@ from lensnas.objectives.sr_data import (
     split_rng,
 )
 from lensnas.spaces.dimensions import SpaceError
+from lensnas.spaces.errors import DataError
 
 COUNTS = {"train": 6, "validation": 3, "test": 3}
 
@@ -156,7 +158,7 @@ def test_good_folder_of_split_arrays_loads(tmp_path):
 
 
 def expect_error(folder: Path, path: Path, fragment: str, **overrides) -> None:
-    with pytest.raises(SpaceError) as raised:
+    with pytest.raises(DataError) as raised:
         load(folder, **overrides)
     message = str(raised.value)
     assert isinstance(raised.value, ValueError)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
 from lensnas.objectives.sr_data import (
     POPULATION_DEFAULTS,
     LensSimulator,
@@ -25,7 +27,6 @@ from lensnas.objectives.sr_metrics import (
     ssim_per_image,
     torch_ssim,
 )
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 TOLERANCE = 1e-4
 

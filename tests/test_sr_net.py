@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lensnas.spaces import FAMILIES, SpaceError, parse_space
+
+from lensnas.spaces import SpaceError, family, parse_space
 from lensnas.spaces.sr_net import BACKBONES, SR_NET, UPSAMPLERS, transposed_conv
 
 SIZES = [75, 64]
@@ -91,7 +92,7 @@ def test_global_skip_starts_from_bicubic():
 
 
 def test_family_is_registered_and_checks_spaces():
-    assert FAMILIES["sr_net"] is SR_NET
+    assert family("sr_net") is SR_NET
     assert SR_NET.version == 1
     space = parse_space(
         {

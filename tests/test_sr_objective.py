@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from lensnas.objectives import objective_class
 from lensnas.objectives.base import LocalContext, TrialPruned
 from lensnas.objectives.sr import SRObjective
@@ -37,7 +38,7 @@ def prepared(tmp_path_factory) -> SRObjective:
 def test_registered_by_name():
     assert objective_class("sr") is SRObjective
     assert SRObjective.DEFAULT_METRIC in SRObjective.METRICS
-    assert set(SRObjective.METRICS.values()) <= {"minimize", "maximize"}
+    assert {m.direction for m in SRObjective.METRICS.values()} <= {"minimize", "maximize"}
 
 
 def test_prepare_and_run_trial_give_finite_metrics(prepared, tmp_path):
@@ -47,21 +48,20 @@ def test_prepare_and_run_trial_give_finite_metrics(prepared, tmp_path):
         "psnr",
         "ssim",
         "mse",
-        "bicubic_psnr",
-        "bicubic_ssim",
         "psnr_gain",
         "ssim_gain",
         "n_params",
         "train_seconds",
-        "best_val_loss",
+        "validation_score",
     }
     assert expected <= set(metrics) and set(SRObjective.METRICS) <= set(metrics)
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
-    assert metrics["psnr_gain"] == pytest.approx(metrics["psnr"] - metrics["bicubic_psnr"])
-    assert metrics["ssim_gain"] == pytest.approx(metrics["ssim"] - metrics["bicubic_ssim"])
+    bicubic = prepared.baselines[0].metrics
+    assert metrics["psnr_gain"] == pytest.approx(metrics["psnr"] - bicubic["psnr"])
+    assert metrics["ssim_gain"] == pytest.approx(metrics["ssim"] - bicubic["ssim"])
     assert 0 < metrics["ssim"] <= 1 and metrics["n_params"] > 0
     assert [step for step, _ in ctx.reports] == [1, 2]
-    assert metrics["best_val_loss"] == pytest.approx(min(value for _, value in ctx.reports))
+    assert metrics["validation_score"] == pytest.approx(max(value for _, value in ctx.reports))
 
     architecture = json.loads((tmp_path / "trial" / "architecture.json").read_text())
     assert architecture["family"] == "sr_net" and architecture["scale"] == 2
@@ -71,11 +71,22 @@ def test_prepare_and_run_trial_give_finite_metrics(prepared, tmp_path):
     model.load_state_dict(torch.load(tmp_path / "trial" / "weights.pt"))
     assert model(torch.zeros(1, 1, 16, 16)).shape == (1, 1, 32, 32)
 
-    # The reported validation loss is the MSE of the kept (best) weights, whatever the loss.
+    # The reported validation score is the PSNR gain over bicubic (dB) of the kept (best)
+    # weights, whatever the loss, as scikit-image computes PSNR per image (data range 1).
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from lensnas.objectives.sr_metrics import bicubic_upsample
+
     data = prepared.data
-    prediction = predict(model, data["validation_lr"], 4, "cpu")
-    validation_mse = float(np.mean((prediction - data["validation_hr"]) ** 2))
-    assert metrics["best_val_loss"] == pytest.approx(validation_mse, rel=1e-4)
+    prediction = np.clip(predict(model, data["validation_lr"], 4, "cpu"), 0, 1)
+    validation_hr = np.asarray(data["validation_hr"], dtype=np.float64)
+    bicubic = bicubic_upsample(data["validation_lr"], 2)
+    expected = np.mean([
+        peak_signal_noise_ratio(hr[0], sr[0], data_range=1.0) - peak_signal_noise_ratio(
+            hr[0], np.clip(bi[0], 0, 1).astype(np.float64), data_range=1.0)
+        for hr, sr, bi in zip(validation_hr, prediction, bicubic)
+    ])
+    assert metrics["validation_score"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_other_backbones_and_losses_run(prepared, tmp_path):
@@ -117,7 +128,9 @@ def test_trial_attrs_and_bicubic_baseline(prepared):
     attrs = prepared.trial_attrs()
     assert attrs["n_train"] == 16 and attrs["n_test"] == 4
     assert attrs["lr_shape"] == [16, 16] and attrs["hr_shape"] == [32, 32]
-    assert 5 < attrs["bicubic_psnr"] < 60 and 0 < attrs["bicubic_ssim"] < 1
+    (bicubic,) = attrs["baselines"]
+    assert bicubic["key"] == "bicubic" and bicubic["description"]
+    assert 5 < bicubic["metrics"]["psnr"] < 60 and 0 < bicubic["metrics"]["ssim"] < 1
     json.dumps(attrs)
     data = prepared.data
     assert data["test_bicubic"].shape == data["test_hr"].shape

@@ -6,6 +6,7 @@ import sys
 
 import optuna
 import pytest
+
 from lensnas.search.cli import main
 from lensnas.search.storage import StorageError, open_storage, redact
 

@@ -7,6 +7,10 @@ import json
 
 import optuna
 import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+from rich.console import Console
+
 from lensnas.search.cli import main
 from lensnas.search.summary import (
     best_trials,
@@ -18,9 +22,6 @@ from lensnas.search.summary import (
     trial_header,
     trial_rows,
 )
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState, create_trial
-from rich.console import Console
 
 
 def _study(directions: list[str], values: list[list[float]]) -> optuna.Study:

@@ -1,4 +1,4 @@
-"""The reference-estimator baseline table (``lensnas baseline STUDY_FILE [--noise ...]``).
+"""The shear estimators' baseline table (``lensnas baseline STUDY_FILE [--noise ...]``).
 
 For each noise level, the study's test set is simulated (the same galaxies as the shear
 objective's test split: same seed, same count, rendered at +g and -g with the same noise),
@@ -14,7 +14,8 @@ import os
 from typing import Any
 
 import numpy as np
-from lensnas.objectives import ngmix_backend
+
+from lensnas.objectives.base import Baseline
 from lensnas.objectives.cache import config_hash
 from lensnas.objectives.reference import cached_measure, is_available
 from lensnas.objectives.shear_data import (
@@ -24,8 +25,6 @@ from lensnas.objectives.shear_data import (
     simulation_config,
 )
 from lensnas.objectives.shear_metrics import linear_bias, paired_bias, rmse
-from rich.console import Console
-from rich.table import Table
 
 BASELINE_ESTIMATORS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("metacal", "metacal", {}),
@@ -33,6 +32,12 @@ BASELINE_ESTIMATORS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("hsm KSB", "hsm", {"method": "KSB"}),
     ("ngmix admom", "ngmix", {"fitter": "admom"}),
 )
+DESCRIPTIONS = {
+    "metacal": "built-in metacalibration over GalSim adaptive moments, mean response of the set",
+    "hsm REGAUSS": "GalSim HSM re-Gaussianization PSF correction (no calibration)",
+    "hsm KSB": "GalSim HSM KSB PSF correction (no calibration)",
+    "ngmix admom": "NGMix metacalibration with the adaptive-moments fitter, mean response",
+}
 
 
 def paired_test_key(simulation: GalaxySimulation, test_count: int, seed: int) -> str:
@@ -66,25 +71,21 @@ def simulate_paired_test(
         )
 
 
-def _row(label: str, noise: float, plus: Any, minus: Any, labels: np.ndarray) -> dict[str, Any]:
+def _row(label: str, noise: float, plus: Any, minus: Any, labels: np.ndarray) -> Baseline:
     ok = plus.ok & minus.ok
-    row: dict[str, Any] = {
-        "estimator": label,
-        "name": plus.name,
-        "settings": dict(plus.settings),
-        "noise_sigma": noise,
-        "n": plus.n,
-        "n_failed": int(plus.n - np.count_nonzero(ok)),
+    metrics: dict[str, float] = {
+        "n": float(plus.n),
+        "n_failed": float(plus.n - np.count_nonzero(ok)),
         "galaxies_per_core_second": (plus.n + minus.n) / (plus.core_seconds + minus.core_seconds),
-        "cached": bool(plus.cache_hit and minus.cache_hit),
     }
-    if np.count_nonzero(ok) < 3:
-        return row
-    rmse_g1, rmse_g2, rmse_all = rmse(plus.g[ok], labels[ok])
-    row.update(rmse_g1=rmse_g1, rmse_g2=rmse_g2, rmse=rmse_all)
-    row.update(paired_bias(plus.g[ok], minus.g[ok], labels[ok]).as_dict())
-    row.update(linear_bias(plus.g[ok], labels[ok]).as_dict(prefix="linear_"))
-    return row
+    if np.count_nonzero(ok) >= 3:
+        rmse_g1, rmse_g2, rmse_all = rmse(plus.g[ok], labels[ok])
+        metrics.update(rmse_g1=rmse_g1, rmse_g2=rmse_g2, rmse=rmse_all)
+        metrics.update(paired_bias(plus.g[ok], minus.g[ok], labels[ok]).as_dict())
+        metrics.update(linear_bias(plus.g[ok], labels[ok]).as_dict(prefix="linear_"))
+        if plus.g_per_object_response is not None:
+            metrics["object_rmse"] = rmse(plus.g_per_object_response[ok], labels[ok])[2]
+    return Baseline(plus.name, label, DESCRIPTIONS[label], metrics, {"noise_sigma": noise})
 
 
 def baseline_rows(
@@ -94,13 +95,13 @@ def baseline_rows(
     noise_levels: list[float] | None,
     cache_dir: str | os.PathLike | None,
     progress: bool,
-) -> list[dict[str, Any]]:
+) -> list[Baseline]:
     """One row per (available estimator, noise level) on the study's paired test set.
 
-    ``noise_levels`` replaces the simulation's ``noise_sigma`` (None: use it as is). Row keys:
-    estimator, noise_sigma, n, n_failed, rmse_g1, rmse_g2, rmse, m1, m1_err, m2, m2_err,
-    c1, c1_err, c2, c2_err (paired protocol), linear_m1 ... (line fit), galaxies_per_core_second,
-    cached.
+    ``noise_levels`` replaces the simulation's ``noise_sigma`` (None: use it as is). Metrics:
+    n, n_failed, rmse_g1, rmse_g2, rmse, m1, m1_err, ... c2_err (paired protocol), linear_m1
+    ... (line fit), object_rmse (metacal with each galaxy's own response),
+    galaxies_per_core_second.
     """
     levels = [simulation.noise_sigma] if noise_levels is None else [float(x) for x in noise_levels]
     rows = []
@@ -127,37 +128,3 @@ def baseline_rows(
             )
             rows.append(_row(label, noise, plus, minus, data["labels"]))
     return rows
-
-
-def _with_error(row: dict[str, Any], key: str) -> str:
-    if key not in row:
-        return "-"
-    return f"{row[key]:+.2e} ± {row[key + '_err']:.1e}"
-
-
-def print_baseline(rows: list[dict[str, Any]], console: Console) -> None:
-    """Rich table of :func:`baseline_rows`."""
-    table = Table(
-        title="Reference shear estimators on the test set",
-        caption="m, c: paired ±g protocol, jackknife errors; speed: galaxies per CPU-core second",
-    )
-    for column in ("estimator", "noise σ", "RMSE g1", "RMSE g2", "m1", "m2", "c1", "c2"):
-        table.add_column(column, justify="left" if column == "estimator" else "right")
-    table.add_column("failed", justify="right")
-    table.add_column("gal/s/core", justify="right")
-    for row in rows:
-        table.add_row(
-            row["estimator"] + (" (cached)" if row.get("cached") else ""),
-            f"{row['noise_sigma']:.0e}",
-            f"{row['rmse_g1']:.2e}" if "rmse_g1" in row else "-",
-            f"{row['rmse_g2']:.2e}" if "rmse_g2" in row else "-",
-            _with_error(row, "m1"),
-            _with_error(row, "m2"),
-            _with_error(row, "c1"),
-            _with_error(row, "c2"),
-            f"{row['n_failed']}/{row['n']}",
-            f"{row['galaxies_per_core_second']:.1f}",
-        )
-    console.print(table)
-    if not is_available("ngmix"):
-        console.print(f"[dim]ngmix row skipped: {ngmix_backend.INSTALL_HINT}[/dim]")

@@ -1,0 +1,55 @@
+"""Small HTML pieces of the study report, shared by the engine and the objectives' sections."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+import plotly.io
+
+# One colour per row of a comparison (plotly's default cycle), so that every panel of a
+# figure draws the same estimator in the same colour as its legend entry.
+COLOURS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692")
+
+
+def figure_html(figure: go.Figure, div_id: str) -> str:
+    """A plotly figure as a <div> (plotly.js is embedded once by the report)."""
+    return plotly.io.to_html(
+        figure,
+        full_html=False,
+        include_plotlyjs=False,
+        div_id=div_id,
+        config={"displaylogo": False, "responsive": True},
+    )
+
+
+def note(text: str) -> str:
+    """A paragraph of explanation or a message in place of an empty figure."""
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def html_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str | None = None
+) -> str:
+    """An HTML table of text cells (escaped)."""
+    ident = f' id="{html.escape(table_id)}"' if table_id else ""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def format_value(value: Any, error: Any = None) -> str:
+    """A metric as ``1.23e-03 ± 4.0e-04`` (error optional)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "" if value is None else str(value)
+    if not math.isfinite(value):
+        return str(value)
+    text = f"{value:.4g}" if 1e-2 <= abs(value) < 1e4 or value == 0 else f"{value:.3e}"
+    if isinstance(error, (int, float)) and math.isfinite(error):
+        text += f" ± {error:.1e}"
+    return text
