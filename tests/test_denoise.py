@@ -114,6 +114,7 @@ def test_registered_by_name():
     assert DenoiseObjective.VALIDATION_SCORE.metric in DenoiseObjective.METRICS
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit
 def test_dncnn_preset_is_dncnn_s_and_keeps_any_image_size():
     model = DENOISE_NET.build(DENOISE_NET.config(DENOISE_NET.presets["dncnn"]))
     convolutions = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -153,11 +154,12 @@ def test_clean_images_are_normalised_and_the_noisy_input_baseline_is_scikit_imag
     assert baseline.key == "noisy_input" and baseline.description
     clean = np.asarray(data["test_clean"], dtype=np.float64)[:, 0]
     noisy_input = np.clip(np.asarray(data["test_noisy"], dtype=np.float64), 0, 1)[:, 0]
-    psnr = np.mean([peak_signal_noise_ratio(c, n, data_range=1.0) for c, n in zip(clean, noisy_input)])
+    pairs = list(zip(clean, noisy_input))
+    psnr = np.mean([peak_signal_noise_ratio(c, n, data_range=1.0) for c, n in pairs])
     ssim = np.mean([
         structural_similarity(c, n, data_range=1.0, gaussian_weights=True, sigma=1.5,
                               use_sample_covariance=False)
-        for c, n in zip(clean, noisy_input)
+        for c, n in pairs
     ])
     assert baseline.metrics["psnr"] == pytest.approx(psnr, rel=1e-6)
     assert baseline.metrics["ssim"] == pytest.approx(ssim, rel=1e-5)
@@ -226,7 +228,7 @@ def test_second_prepare_hits_the_cache(prepared):
 @pytest.mark.parametrize(
     ("options", "key", "allowed"),
     [
-        ({"noise_type": "pink"}, "objective.noise_type", "gaussian, poisson, uniform, salt_and_pepper"),
+        ({"noise_type": "pink"}, "objective.noise_type", ", ".join(NOISE_TYPES)),
         ({"noise_level": 1.5}, "objective.noise_level", "[0, 1.0]"),
         ({"noise_level": "high"}, "objective.noise_level", "a number"),
         ({"noise_sigma": 0.1}, "objective.noise_sigma", "allowed:"),
@@ -337,6 +339,7 @@ noise_level = {{ type = "categorical", choices = [{levels}] }}
 """
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit
 def test_launch_export_and_load(tmp_path):
     from lensnas.search import launch
     from lensnas.search.export import export_study
