@@ -140,6 +140,7 @@ class Baseline:
     description: str
     metrics: dict[str, float]
     conditions: dict[str, float] = field(default_factory=dict)
+    group: str = ""  # "" for the headline comparison, else a key of the objective's BASELINE_GROUPS
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +153,7 @@ class Baseline:
             description=str(value.get("description", "")),
             metrics={k: float(v) for k, v in dict(value.get("metrics", {})).items()},
             conditions=dict(value.get("conditions", {})),
+            group=str(value.get("group", "")),
         )
 
 
@@ -192,6 +194,8 @@ class Objective:
     DEFAULT_METRIC: ClassVar[str]
     VALIDATION_SCORE: ClassVar[ValidationScore]
     BASELINE_COLUMNS: ClassVar[tuple[str, ...]] = ()  # shown by `lensnas baseline` after the summary
+    # Baselines shown apart from the headline comparison: group -> (title, one sentence on it).
+    BASELINE_GROUPS: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def __init__(
         self,

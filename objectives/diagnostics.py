@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 FIGURE = "diagnostics.png"  # file name of the figure in a trial's artifact folder
 MAX_POINTS = 2000
@@ -51,8 +52,10 @@ def shear_residual_figure(
                 label=reference_name,
             )
         ax.set_xlabel(f"true g{i + 1}")
-        ax.set_title(f"g{i + 1}")
-    axes[0].set_ylabel("estimate - truth")
+        ax.set_title(f"g{i + 1}: residual of each test galaxy")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))  # readable ticks at any shear range
+        ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 2))
+    axes[0].set_ylabel("estimate - truth (shear)")
     axes[0].legend(loc="best", fontsize="small", markerscale=3)
     return _save(figure, path)
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from lensnas import spaces
 from lensnas.search.artifacts import ARCHITECTURE, WEIGHTS, artifact_store, download_trial_artifacts
-from lensnas.search.comparison import comparison_rows, study_baselines, study_objective_class
+from lensnas.search.comparison import comparison_tables, study_baselines, study_objective_class
 from lensnas.search.report import lensnas_version, metric_rows
 from lensnas.search.spec import SpecError, StudySpec
 from lensnas.search.storage import redact
@@ -233,11 +233,14 @@ def _reference_text(study: optuna.Study, trial: FrozenTrial) -> str:
     baselines = [b for b in study_baselines(attrs) if not b.conditions]
     if not baselines:
         return "No baseline stored with this study (no reference estimator or interpolation)."
-    header, rows = comparison_rows(
+    tables = comparison_tables(
         study_objective_class(attrs), baselines,
         (f"this network (trial {trial.number})", trial.user_attrs),
     )
-    return markdown_table(header, rows)
+    return "\n".join(
+        f"### {title}\n\n{sentence}\n\n{markdown_table(header, rows)}"
+        for title, sentence, header, rows in tables
+    )
 
 
 def _data_configuration(study: optuna.Study) -> dict[str, Any]:
@@ -305,7 +308,7 @@ def model_card(
         "",
         metric_table,
         "",
-        "## Reference estimators",
+        "## Compared with the baselines",
         "",
         _reference_text(study, trial),
         "",

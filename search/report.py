@@ -28,10 +28,11 @@ from optuna.trial import FrozenTrial, TrialState
 from lensnas.objectives.base import FIGURE, TrialRecord
 from lensnas.objectives.report_html import figure_html, html_table, note
 from lensnas.search.artifacts import artifact_store, read_trial_artifact
-from lensnas.search.comparison import comparison_rows, study_baselines, study_objective_class
+from lensnas.search.comparison import comparison_tables, study_baselines, study_objective_class
 from lensnas.search.summary import best_trials, summary_columns, trial_header, trial_rows
 
 TOP_TRIALS = 10
+IMPORTANCE_MIN_TRIALS = 10  # below this many completed trials importances get a caveat
 NOT_METRICS = ("seed", "epochs_run")
 
 
@@ -75,10 +76,14 @@ def _comparison_section(study: optuna.Study, best: FrozenTrial | None) -> str:
     if not baselines:
         return note("This study stored no baseline (its objective has no reference estimator, "
                     "or it was switched off).")
-    header, rows = comparison_rows(
+    parts = []
+    tables = comparison_tables(
         study_objective_class(attrs), baselines, (f"network (trial {best.number})", best.user_attrs)
     )
-    return html_table(header, rows, "reference-table")
+    for index, (title, sentence, header, rows) in enumerate(tables):
+        table_id = "reference-table" if index == 0 else f"reference-table-{index}"
+        parts.append(f"<h3>{html.escape(title)}</h3>" + note(sentence) + html_table(header, rows, table_id))
+    return "\n".join(parts)
 
 
 def _section(section_id: str, title: str, body: str) -> str:
@@ -140,7 +145,8 @@ def _importance_section(study: optuna.Study, complete: list[FrozenTrial]) -> str
     for i, (target, name) in enumerate(_targets(study)):
         try:
             figure, messages = _quiet_plot(
-                optuna.visualization.plot_param_importances, study, target=target, target_name=name
+                optuna.visualization.plot_param_importances, study, target=target, target_name=name,
+                evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
             )
         except (ValueError, RuntimeError) as error:
             parts.append(note(f"{name}: parameter importances could not be computed ({error})."))
@@ -153,6 +159,12 @@ def _importance_section(study: optuna.Study, complete: list[FrozenTrial]) -> str
                 )
             )
             continue
+        if len(complete) < IMPORTANCE_MIN_TRIALS:
+            parts.append(note(
+                f"{name}: computed from only {len(complete)} completed trials (fewer than "
+                f"{IMPORTANCE_MIN_TRIALS}): indicative at best."
+            ))
+        figure.update_layout(xaxis_title=f"importance for {name} (Optuna's PED-ANOVA)")
         parts.append(figure_html(figure, f"param-importances-{i}"))
     return "\n".join(parts)
 
@@ -163,8 +175,18 @@ def _intermediate_section(study: optuna.Study) -> str:
     if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         return note("No trial reported intermediate values.")
     figure, _ = _quiet_plot(optuna.visualization.plot_intermediate_values, study)
-    figure.update_layout(yaxis_title=_score_label(study), xaxis_title="epoch")
-    return figure_html(figure, "intermediate-values-0")
+    trials = {f"Trial{t.number}": t for t in study.get_trials(deepcopy=False)}
+    for trace in figure.data:  # legend entries: trial number, state and preset name
+        trial = trials.get(trace.name)
+        if trial is not None:
+            preset = trial.user_attrs.get("preset")
+            trace.name = f"trial {trial.number} {trial.state.name.lower()}" + (
+                f" ({preset})" if preset else "")
+        trace.showlegend = True
+    figure.update_layout(yaxis_title=_score_label(study), xaxis_title="epoch", showlegend=True,
+                         legend_title_text="trial")
+    return note("Each trial's per-epoch validation score: what the pruner compared.") + figure_html(
+        figure, "intermediate-values-0")
 
 
 def _score_label(study: optuna.Study) -> str:
@@ -258,7 +280,7 @@ def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
         _section("summary", "Study", summary_html),
         _section(
             "top-trials",
-            f"Top {len(top)} trials",
+            f"Top {len(top)} trials" if top else "Top trials",
             _trials_table(study, top) if top else note("No completed trial yet."),
         ),
         _section("optimization-history", "Optimisation history", _plot_per_target(

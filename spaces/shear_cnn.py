@@ -128,8 +128,11 @@ def describe_stamps(spec: dict[str, Any]) -> str:
     extra = " (channel 2: the PSF image)" if channels == 2 else ""
     return (
         f"input: float32 tensor (N, {channels}, {size}, {size}) of galaxy stamps in the "
-        f"simulation's flux units{extra}; the network rescales inputs itself. "
-        "output: (N, 2) = (g1, g2)."
+        "training simulation's units: each galaxy's total flux near 1 (the study's flux_min.."
+        "flux_max), pixel noise sigma as in the study, at its pixel_scale (arcsec/pixel) and "
+        f"PSF (see the data configuration){extra}; the network rescales inputs itself, but "
+        "stamps far from that flux or noise give meaningless shears. "
+        "output: (N, 2) = (g1, g2), reduced shear."
     )
 
 

@@ -174,7 +174,7 @@ def test_model_card_has_metrics_data_seeds_and_loading(shear, shear_export):
     assert "| m1 |" in card and f"{attrs['m1_err']:.2e}" in card
     assert f"trial training seed {attrs['seed']}" in card and "study seed 3" in card
     assert '"stamp_size": 25' in card and '"epochs": 2' in card  # the data configuration
-    assert "Reference estimators" in card and "lensnas" in card
+    assert "Compared with the baselines" in card and "### Headline comparison" in card and "lensnas" in card
     assert "onnx max |difference|" in card
     assert "pip install lensnas" not in card and "pip install -e" in card
 

@@ -227,3 +227,30 @@ def test_a_data_error_while_preparing_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
     assert "image0.npy" in err and "has no LR partner" in err
+
+
+def test_comparison_tables_separate_groups_and_flag_significant_biases():
+    from lensnas.objectives.shear import ShearObjective
+    from lensnas.search.comparison import FLAG, comparison_tables
+
+    baselines = [
+        Baseline("reference_object", "metacal, per-galaxy response", "own response", {"rmse": 5e-4}),
+        Baseline("reference", "metacal, mean response", "ensemble",
+                 {"rmse": 1e-2, "m1": 0.011, "m1_err": 0.013}, group="ensemble"),
+    ]
+    network = ("network (trial 3)", {"rmse": 1e-3, "m2": -0.016, "m2_err": 0.004, "m1": 0.001,
+                                     "m1_err": 0.002})
+    tables = comparison_tables(ShearObjective, baselines, network)
+    (title, sentence, header, rows), (ensemble_title, ensemble_sentence, _, ensemble_rows) = tables
+    assert title == "Headline comparison" and FLAG not in sentence  # no errors: no flag note
+    assert [row[0] for row in rows] == ["network (trial 3)", "metacal, per-galaxy response"]
+    assert [row[0] for row in ensemble_rows] == ["network (trial 3)", "metacal, mean response"]
+    assert "mean response" in ensemble_title and "surveys" in ensemble_sentence
+    header_index = {name: i for i, name in enumerate(header)}
+    assert header == ["estimator", "rmse", "what it is"]  # only metrics some baseline has
+    cells = dict(zip(tables[1][2], ensemble_rows[0]))
+    assert FLAG not in cells["m1"] and header_index["rmse"] == 1
+    network_only = comparison_tables(ShearObjective, [Baseline("x", "x", "x", {"m2": 0.0})],
+                                     network)[0]
+    assert network_only[3][0][1].endswith(f"{FLAG} 4.0σ")  # m2 = -0.016 ± 0.004: 4 sigma
+    assert FLAG in network_only[1]  # the table has errors: its sentence explains the flag

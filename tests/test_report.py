@@ -121,3 +121,78 @@ def test_report_of_an_empty_study(tmp_path):
     study = optuna.create_study(study_name="empty", storage=storage)
     text = build_report(study, storage)
     assert text.count("No completed trial yet.") >= 4
+
+
+FIGURES = ("optimization-history-0", "intermediate-values-0", "bias-comparison-0",
+           "noise-levels-0", "parallel-coordinates-0")
+
+
+def _rendered_figures(report_text: str, tmp_path: Path) -> dict[str, str]:
+    """The report as headless Chromium renders it (plotly drawn), split by figure id."""
+    import os
+    import shutil
+    import subprocess
+
+    from tests.test_dashboard import CHROMIUM_FLAGS
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (CI must install it: apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    page = tmp_path / "report.html"
+    page.write_text(report_text, encoding="utf-8")
+    result = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=20000", page.as_uri()],
+        check=False, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    starts = sorted((dom.find(f'id="{name}"'), name) for name in FIGURES if f'id="{name}"' in dom)
+    return {
+        name: dom[start:(starts[i + 1][0] if i + 1 < len(starts) else len(dom))]
+        for i, (start, name) in enumerate(starts)
+    }
+
+
+def _texts(fragment: str, css_class: str) -> list[str]:
+    return re.findall(rf'<text class="{css_class}"[^>]*>([^<]*)</text>', fragment)
+
+
+def test_report_figures_render_with_legends_and_axis_titles(shear, report, tmp_path):
+    """Drawn by plotly.js in a real browser: every figure has named axes and a legend whose
+    entries are the network, the reference estimators and the trials."""
+    figures = _rendered_figures(report, tmp_path)
+    assert set(FIGURES) <= set(figures), sorted(figures)
+    bias = figures["bias-comparison-0"]
+    best = best_trials(shear.study, 1)[0]
+    legend = _texts(bias, "legendtext")
+    assert f"network (trial {best.number})" in legend and "hsm, mean response" in legend
+    assert len(legend) == len(set(legend))  # one entry per estimator, not one per panel
+    assert "m (dimensionless)" in _texts(bias, "ytitle")
+    assert "c (shear units)" in _texts(bias, "y2title")
+    intermediate = figures["intermediate-values-0"]
+    assert _texts(intermediate, "ytitle") == ["validation RMSE of g"]
+    assert _texts(intermediate, "xtitle") == ["epoch"]
+    entries = _texts(intermediate, "legendtext")
+    assert len(entries) == len(shear.study.trials) and any("(shearnet_cnn)" in e for e in entries)
+    noise = figures["noise-levels-0"]
+    assert "RMSE of g per galaxy" in _texts(noise, "ytitle")
+    assert set(_texts(noise, "legendtext")) == {
+        f"network (trial {best.number})", "reference (mean response)"}
+
+
+def test_bias_figure_draws_each_estimator_in_one_colour():
+    from lensnas.objectives.shear_report import bias_figure
+
+    rows = {"network": {"m1": 0.01, "m1_err": 0.002, "m2": 0.0, "c1": 1e-4, "c2": 0.0},
+            "metacal": {"m1": 0.0, "m2": 0.0, "c1": 0.0, "c2": 0.0}}
+    figure = bias_figure(rows)
+    colours = {}
+    for trace in figure.data:
+        colours.setdefault(trace.name, set()).add(trace.marker.color)
+        assert trace.error_y.color == trace.marker.color
+    assert all(len(c) == 1 for c in colours.values()) and len(colours) == 2
+    assert colours["network"] != colours["metacal"]
+    assert sum(trace.showlegend for trace in figure.data) == 2  # one legend entry each

@@ -89,9 +89,10 @@ def test_reference_rmse_with_mean_and_per_object_response(tmp_path):
                "half_light_radius_min": 0.3, "half_light_radius_max": 0.8}
     objective = ShearObjective(options, {}, seed=2, cache_dir=tmp_path, progress=False)
     objective.prepare()
-    metrics = objective.reference_metrics
-    assert metrics["ref_n_failed"] == 0
-    assert metrics["ref_object_rmse"] < 2e-3 < metrics["ref_rmse"]
+    rows = {b.key: b for b in objective.baselines}
+    assert rows["reference"].metrics["n_failed"] == 0
+    assert rows["reference"].group == "ensemble" and rows["reference_object"].group == ""
+    assert rows["reference_object"].metrics["rmse"] < 2e-3 < rows["reference"].metrics["rmse"]
 
 
 def test_the_test_set_at_another_noise_level_holds_the_same_galaxies():
