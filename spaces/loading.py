@@ -64,14 +64,18 @@ def build(spec: dict[str, Any], source: str | Path = "architecture") -> nn.Modul
     from lensnas.spaces import family as registered_family
 
     family = registered_family(spec["family"])
-    missing = [key for key in family.architecture_keys if key not in spec["config"]]
+    config = dict(spec["config"])
+    if spec["version"] < family.version:  # keys added since take the value that was implied
+        config = {key: family.defaults[key] for key in family.architecture_keys
+                  if key in family.defaults} | config
+    missing = [key for key in family.architecture_keys if key not in config]
     if missing:
         raise ArchitectureError(
             f"{source}: config.{missing[0]}: missing (required by {family.name})"
         )
     arguments = {key: value for key, value in spec.items() if key not in HEADER_KEYS}
     try:
-        return family.build(spec["config"], **arguments)
+        return family.build(config, **arguments)
     except TypeError as error:
         raise ArchitectureError(
             f"{source}: {family.name} cannot be built from it ({error})"

@@ -1,10 +1,18 @@
-"""The shear CNN family: conv blocks (+ optional residual, norm, pooling) and a regression head.
+"""The shear CNN family: conv blocks (+ optional residual, norm, attention, pooling) and a
+regression head.
 
-Block ``i`` has ``width * 2**i`` channels (capped at ``max_width``); each block is a
-"same"-padded convolution with the given kernel size and dilation, a normalisation, an
-activation, an optional residual connection (1x1 projection when channels change) and a
-pooling step (max / avg 2x2, a strided 3x3 conv, or none). The head is a global average
-pool or flatten + dense, ending in 2 outputs (g1, g2).
+An optional stem (``stem_width`` > 0: a 3x3 conv, norm, activation) comes first. Block ``i``
+has ``width * 2**i`` channels (capped at ``MAX_WIDTH``). A "plain" block is a "same"-padded
+convolution with the given kernel size and dilation, a normalisation, an activation, optional
+attention, an optional residual connection (1x1 projection when channels change) and a
+pooling step (max / avg 2x2, a strided 3x3 conv with or without norm + activation, or none;
+``pool_last = false`` leaves the last block unpooled). A "multiscale" block (see
+shear_blocks.py) runs 3x3 convolutions at dilations 1, 3, 7 in parallel (kernel_size and
+dilation do not apply to it). ``attention = "cbam"`` puts CBAM in every block, before the
+residual addition (as the CBAM paper and ShearNet do). With ``psf_branch`` the input's
+channel 2 (the PSF image) goes through ForkLens's small PSF CNN and its features join the
+galaxy features before the head. The head is a global average pool or flatten + dense
+(optionally GroupNorm on its hidden units), ending in 2 outputs (g1, g2).
 """
 
 from __future__ import annotations
@@ -16,36 +24,47 @@ from torch import nn
 
 from lensnas.spaces.family import Choice, Family, Range
 from lensnas.spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
+from lensnas.spaces.shear_blocks import (
+    POOLINGS,
+    MultiScaleBlock,
+    PsfCNN,
+    attention,
+    pooled_size,
+    pooling,
+)
 
-POOLINGS = ("max", "avg", "conv", "none")
 HEADS = ("gap", "dense")
+BLOCKS = ("plain", "multiscale")
+ATTENTIONS = ("none", "cbam")
+MULTISCALE_FUSIONS = ("conv1x1", "concat")
 MAX_WIDTH = 512
 MAX_DENSE_WEIGHTS = 200_000_000
 
 
 class ConvBlock(nn.Module):
+    """One plain block: conv, norm, activation, attention, optional residual, pooling."""
+
     def __init__(self, in_channels: int, out_channels: int, config: dict[str, Any]):
         super().__init__()
         self.conv = nn.Conv2d(
-            in_channels, out_channels, config["kernel_size"], padding="same", dilation=config["dilation"]
+            in_channels,
+            out_channels,
+            config["kernel_size"],
+            padding="same",
+            dilation=config["dilation"],
         )
         self.norm = normalization(config["normalization"], out_channels)
         self.act = activation(config["activation"])
+        self.attention = attention(config["attention"], out_channels)
         self.skip = None
         if config["residual"]:
-            self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-        pooling = config["pooling"]
-        if pooling == "max":
-            self.pool = nn.MaxPool2d(2)
-        elif pooling == "avg":
-            self.pool = nn.AvgPool2d(2)
-        elif pooling == "conv":
-            self.pool = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
-        else:
-            self.pool = nn.Identity()
+            same = in_channels == out_channels
+            self.skip = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1)
+        self.pool = pooling(config["pooling"], out_channels, config)
+        self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.norm(self.conv(x)))
+        y = self.attention(self.act(self.norm(self.conv(x))))
         if self.skip is not None:
             y = y + self.skip(x)
         return self.pool(y)
@@ -68,37 +87,77 @@ class ShearCNN(nn.Module):
         # inside the network keeps default initialisations and losses well conditioned.
         self.register_buffer("input_scale", torch.tensor(float(input_scale)))
         self.register_buffer("output_scale", torch.tensor(float(output_scale)))
-        blocks, channels, size = [], in_channels, image_size
+        if config["psf_branch"] and in_channels != 2:
+            raise ValueError(
+                "psf_branch = true needs the PSF image as a second input channel (the shear "
+                f"objective's psf_channel = true); this network has {in_channels} input channel(s)"
+            )
+        # With a PSF branch the galaxy network sees channel 1 only, the PSF branch channel 2.
+        channels = 1 if config["psf_branch"] else in_channels
+        size = image_size
+        self.stem = nn.Identity()
+        if config["stem_width"] > 0:
+            self.stem = nn.Sequential(
+                nn.Conv2d(channels, config["stem_width"], 3, padding="same"),
+                normalization(config["normalization"], config["stem_width"]),
+                activation(config["activation"]),
+            )
+            channels = config["stem_width"]
+        blocks = []
         for i in range(config["depth"]):
-            out_channels = min(config["width"] * 2**i, MAX_WIDTH)
-            if size < 2 and config["pooling"] != "none":
-                # Pooling a 1x1 map is impossible: later blocks keep the size.
-                config = {**config, "pooling": "none"}
-            blocks.append(ConvBlock(channels, out_channels, config))
-            channels = out_channels
-            if config["pooling"] in ("max", "avg"):
-                size = size // 2
-            elif config["pooling"] == "conv":
-                size = (size + 1) // 2
+            width = min(config["width"] * 2**i, MAX_WIDTH)
+            pool = config["pooling"]
+            if size < 2 or (i == config["depth"] - 1 and not config["pool_last"]):
+                pool = "none"  # pooling a 1x1 map is impossible: later blocks keep the size
+            block_config = {**config, "pooling": pool}
+            if config["block"] == "multiscale":
+                block = MultiScaleBlock(channels, width, block_config)
+            else:
+                block = ConvBlock(channels, width, block_config)
+            blocks.append(block)
+            channels, size = block.out_channels, pooled_size(size, pool)
         self.features = nn.Sequential(*blocks)
-        if config["head"] == "gap":
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, outputs))
+        gap = config["head"] == "gap"
+        features = channels if gap else channels * size * size
+        self.psf_features = None
+        if config["psf_branch"]:
+            self.psf_features = PsfCNN()
+            psf_size = PsfCNN.output_size(image_size)
+            psf_channels = self.psf_features.out_channels
+            features += psf_channels if gap else psf_channels * psf_size * psf_size
+        # The head's first `reduced` layers turn a feature map into a vector (no weights): the
+        # galaxy and PSF maps are reduced apart, concatenated, then go through the rest.
+        if gap:
+            self.reduced = 2
+            self.head = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(features, outputs)
+            )
         else:
-            dense_weights = channels * size * size * config["dense_units"]
+            units = config["dense_units"]
+            dense_weights = features * units
             if dense_weights > MAX_DENSE_WEIGHTS:
                 raise ValueError(
                     f"dense head of {dense_weights:,} weights exceeds {MAX_DENSE_WEIGHTS:,}: "
                     "pool more, use fewer channels or head = 'gap'"
                 )
+            hidden_norm = [normalization("group", units)] if config["head_norm"] else []
+            self.reduced = 1
             self.head = nn.Sequential(
                 nn.Flatten(),
-                nn.Linear(channels * size * size, config["dense_units"]),
+                nn.Linear(features, units),
+                *hidden_norm,
                 activation(config["activation"]),
-                nn.Linear(config["dense_units"], outputs),
+                nn.Linear(units, outputs),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x * self.input_scale)) * self.output_scale
+        x = x * self.input_scale
+        galaxy = x if self.psf_features is None else x[:, :1]
+        features = self.head[: self.reduced](self.features(self.stem(galaxy)))
+        if self.psf_features is not None:
+            psf = self.head[: self.reduced](self.psf_features(x[:, 1:]))
+            features = torch.cat([features, psf], dim=1)
+        return self.head[self.reduced :](features) * self.output_scale
 
 
 def build_shear_cnn(
@@ -155,11 +214,53 @@ SHEARNET_CNN = {
     "activation": "relu",
     "head": "dense",
     "dense_units": 128,
+    # version 2 (today's network: absent from version-1 exports, which load with these values)
+    "block": "plain",
+    "attention": "none",
+    "psf_branch": False,
+    "multiscale_fusion": "conv1x1",
+    "stem_width": 0,
+    "pool_last": True,
+    "head_norm": False,
 }
+
+# ShearNet's multi-scale attention ResNet (`ResearchBackedGalaxyResNet`, nn = "research_backed"):
+# conv 16 3x3 + GroupNorm(8) + ReLU; a multi-scale block of 16 channels per scale (3x3 convs at
+# dilation 1, 3, 7, its "scales 3, 9, 21", each + GroupNorm + ReLU), concatenated to 48, CBAM
+# (reduction 8, 7x7 spatial), residual (1x1 conv + GroupNorm) added before a ReLU; a stride-2
+# 3x3 conv of 48 + GroupNorm + ReLU (53 -> 27); the same block at 32 per scale (96 channels),
+# not pooled; flatten (27 * 27 * 96 at 53x53) -> dense 128 -> GroupNorm(8) -> ReLU -> 2.
+# Built layer for layer; differences: PyTorch's default initialisation (Flax: LeCun normal),
+# GroupNorm epsilon 1e-5 (Flax 1e-6), input/output scaling inside the network (ShearNet
+# standardises labels outside it), no dropout option (ShearNet's default is none).
+RESEARCH_BACKED = {
+    **SHEARNET_CNN,
+    "block": "multiscale",
+    "multiscale_fusion": "concat",
+    "attention": "cbam",
+    "residual": True,
+    "normalization": "group",
+    "stem_width": 16,
+    "pooling": "conv_act",
+    "pool_last": False,
+    "head_norm": True,
+}
+
+# ShearNet's two-branch galaxy + PSF network (`ForkLike`, nn = "fork-like", as its fork-like
+# and ForkLens baseline configs set it: galaxy branch research_backed, PSF branch
+# forklens_psf, fusion concat, gap false): the research_backed features of the galaxy (flat,
+# 27 * 27 * 96) and ForkLens's PSF CNN (four stride-2 3x3 convs of 32, 64, 32, 16 channels,
+# padding 3, no bias, GroupNorm(8) + ReLU: 8 * 8 * 16 at 53x53, flat) concatenated -> dense
+# 128 -> GroupNorm(8) -> ReLU -> 2. Needs the objective's psf_channel = true (input channel 2
+# is the PSF image: the study's PSF, where ShearNet may feed each galaxy its own). Same
+# differences as research_backed; ShearNet's optional transformer fusion is not translated.
+FORK_LIKE = {**RESEARCH_BACKED, "psf_branch": True}
 
 SHEAR_CNN = Family(
     name="shear_cnn",
-    version=1,
+    # 2: block, attention, psf_branch, multiscale_fusion, stem_width, pool_last, head_norm
+    # (version-1 exports load with their defaults: the version-1 network)
+    version=2,
     build=build_shear_cnn,
     rules={
         "kernel_size": Range(1, 15, integer=True),
@@ -172,6 +273,13 @@ SHEAR_CNN = Family(
         "activation": Choice(tuple(ACTIVATIONS)),
         "head": Choice(HEADS),
         "dense_units": Range(1, 4096, integer=True),
+        "block": Choice(BLOCKS),
+        "attention": Choice(ATTENTIONS),
+        "psf_branch": Choice((True, False)),  # needs the objective's psf_channel = true
+        "multiscale_fusion": Choice(MULTISCALE_FUSIONS),  # block = "multiscale" only
+        "stem_width": Range(0, MAX_WIDTH, integer=True),  # 0: no stem
+        "pool_last": Choice((True, False)),
+        "head_norm": Choice((True, False)),  # head = "dense" only
         "loss": Choice(("mse", "l1", "huber")),
         **TRAINING_RULES,
     },
@@ -187,5 +295,9 @@ SHEAR_CNN = Family(
     architecture_keys=tuple(SHEARNET_CNN),
     example_input=example_stamps,
     describe_io=describe_stamps,
-    presets={"shearnet_cnn": SHEARNET_CNN},
+    presets={
+        "shearnet_cnn": SHEARNET_CNN,
+        "research_backed": RESEARCH_BACKED,
+        "fork_like": FORK_LIKE,
+    },
 )
