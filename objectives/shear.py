@@ -24,6 +24,7 @@ from lensnas.objectives.diagnostics import shear_residual_figure
 from lensnas.objectives.ngmix_backend import INSTALL_HINT
 from lensnas.objectives.options import check_options, require
 from lensnas.objectives.reference import cached_measure, is_available
+from lensnas.objectives.shear_bound import ShearBound, bound_baseline, cached_bound
 from lensnas.objectives.shear_data import (
     PROFILES,
     PSF_PROFILES,
@@ -42,7 +43,9 @@ logger = logging.getLogger("lensnas.shear")
 
 SIMULATION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GalaxySimulation)}
 REFERENCES = ("none", "metacal", "hsm", "ngmix")
-RELATIVE_METRICS = ("rmse_ratio", "rmse_ratio_object", "abs_m_diff")
+RELATIVE_METRICS = ("rmse_ratio", "rmse_ratio_object", "abs_m_diff", "ref_rmse_over_crb",
+                    "ref_object_rmse_over_crb")
+BOUND_METRICS = ("rmse_over_crb", "ref_rmse_over_crb", "ref_object_rmse_over_crb")  # need noise > 0
 NOISE_LEVELS = "noise_levels"  # trial attribute: {noise sigma: {metric: value}}
 
 
@@ -100,6 +103,15 @@ class ShearObjective(Objective):
         "abs_m": Metric("minimize", "largest |m| of the two components"),
         "abs_c": Metric("minimize", "largest |c| of the two components"),
         "abs_m_diff": Metric("minimize", "|m| of the network minus |m| of the reference"),
+        "crb_rmse": Metric(
+            "minimize", "Cramér-Rao bound: RMS over test galaxies and both components of the "
+            "smallest RMSE of g an unbiased estimator can reach at this noise"),
+        "rmse_over_crb": Metric(
+            "minimize", "network RMSE / Cramér-Rao bound (1 is the physical limit)", summary=True),
+        "ref_rmse_over_crb": Metric(
+            "minimize", "reference RMSE (mean response) / Cramér-Rao bound"),
+        "ref_object_rmse_over_crb": Metric(
+            "minimize", "reference RMSE (each galaxy's own response) / Cramér-Rao bound"),
         **_bias_metrics("linear_", "straight-line fit of estimate against truth"),
         "validation_score": Metric("minimize", "best per-epoch validation RMSE of g"),
         "n_params": Metric("minimize", "trainable parameters"),
@@ -122,6 +134,7 @@ class ShearObjective(Objective):
         self.simulation = GalaxySimulation(**{k: self.options[k] for k in SIMULATION_DEFAULTS})
         self.counts = {split: self.options[f"n_{split}"] for split in SPLITS}
         self.reference_estimate: np.ndarray | None = None
+        self.bound: ShearBound | None = None
         self.noise_tests: dict[float, dict[str, np.ndarray]] = {}
         self.input_scale = 1.0
         self._test_estimate: np.ndarray | None = None
@@ -158,6 +171,9 @@ class ShearObjective(Objective):
         for metric in metrics:
             if metric in RELATIVE_METRICS and options["reference"] == "none":
                 raise SpaceError(prefix, f"'{metric}' compares with the reference estimator; set objective.reference to metacal, hsm or ngmix")
+            if metric in BOUND_METRICS and options["noise_sigma"] == 0:
+                raise SpaceError(prefix, f"'{metric}' divides by the Cramér-Rao bound, which is 0 "
+                                 "without noise; set objective.noise_sigma > 0")
 
     def dataset_config(self) -> dict[str, Any]:
         """What the dataset cache key is made of."""
@@ -174,14 +190,20 @@ class ShearObjective(Objective):
         return arrays, {}
 
     def after_load(self) -> None:
-        """Input scaling, the reference estimator on the test set (once, cached), and the
-        test set at each extra noise level."""
+        """Input scaling, the reference estimator and the Cramér-Rao bound on the test set (once,
+        cached), and the test set at each extra noise level."""
         logger.info("shear dataset %s (%s)", self.dataset_key, "cache hit" if self.cache_hit else "simulated")
         self.input_scale = 1.0 / float(np.std(self.data["train.images"][:1000]) or 1.0)
         test = {name: self.data[f"test.{name}"] for name in ("images", "images_minus", "labels")}
         self.baselines, self.reference_estimate = self._reference_baselines(
             test, self.simulation.noise_sigma, self.dataset_key
         )
+        population = {name: self.data[f"test.{name}"]
+                      for name in ("half_light_radius", "flux", "intrinsic_g")}
+        population["shear"] = self.data["test.labels"]
+        self.bound, _ = cached_bound(self.simulation, population, self.cache_dir, self.dataset_key,
+                                     self.progress)
+        self.baselines.append(bound_baseline(self.bound, self.simulation.noise_sigma))
         for level in self.options["test_noise_levels"]:
             config = {"dataset": self.dataset_config(), "test_noise_sigma": level}
             self.noise_tests[level], _, _ = cached_arrays(
@@ -191,6 +213,7 @@ class ShearObjective(Objective):
             )
             baselines, _ = self._reference_baselines(self.noise_tests[level], level, config_hash(config))
             self.baselines += [dataclasses.replace(b, conditions={"noise_sigma": level}) for b in baselines]
+            self.baselines.append(bound_baseline(self.bound, level, {"noise_sigma": level}))
 
     def _reference_baselines(
         self, test: dict[str, np.ndarray], noise_sigma: float, dataset_key: str
@@ -310,7 +333,9 @@ class ShearObjective(Objective):
 
 
 def _relative_metrics(metrics: dict[str, float], references: list[Baseline]) -> dict[str, float]:
-    """rmse_ratio (mean response), rmse_ratio_object (own response) and abs_m_diff."""
+    """rmse_ratio (mean response), rmse_ratio_object (own response), abs_m_diff, and the
+    Cramér-Rao bound crb_rmse with the RMSE of the network (rmse_over_crb) and of the
+    reference (ref_rmse_over_crb, ref_object_rmse_over_crb) over it."""
     out: dict[str, float] = {}
     for reference in references:
         if reference.key == "reference":
@@ -318,4 +343,15 @@ def _relative_metrics(metrics: dict[str, float], references: list[Baseline]) -> 
             out["abs_m_diff"] = metrics["abs_m"] - reference.metrics["abs_m"]
         elif reference.key == "reference_object":
             out["rmse_ratio_object"] = metrics["rmse"] / reference.metrics["rmse"]
+    bound = next((b.metrics["rmse"] for b in references if b.key == "bound"), None)
+    if bound is None:
+        return out
+    out["crb_rmse"] = bound
+    if bound > 0:
+        out["rmse_over_crb"] = metrics["rmse"] / bound
+        for reference in references:
+            if reference.key in ("reference", "reference_object") and "rmse" in reference.metrics:
+                name = {"reference": "ref_rmse_over_crb",
+                        "reference_object": "ref_object_rmse_over_crb"}[reference.key]
+                out[name] = reference.metrics["rmse"] / bound
     return out

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from lensnas.objectives.base import Baseline
-from lensnas.objectives.cache import config_hash
+from lensnas.objectives.cache import cache_root, config_hash
 from lensnas.objectives.reference import cached_measure, is_available
+from lensnas.objectives.shear_bound import ShearBound, bound_baseline, cached_bound
 from lensnas.objectives.shear_data import (
     SPLITS,
     GalaxySimulation,
@@ -96,20 +97,29 @@ def baseline_rows(
     cache_dir: str | os.PathLike | None,
     progress: bool,
 ) -> list[Baseline]:
-    """One row per (available estimator, noise level) on the study's paired test set.
+    """The Cramér-Rao bound, then one row per available estimator, at each noise level on the
+    study's paired test set.
 
     ``noise_levels`` replaces the simulation's ``noise_sigma`` (None: use it as is). Metrics:
     n, n_failed, rmse_g1, rmse_g2, rmse, m1, m1_err, ... c2_err (paired protocol), linear_m1
     ... (line fit), object_rmse (metacal with each galaxy's own response),
-    galaxies_per_core_second.
+    galaxies_per_core_second; the bound's rows: rmse, rmse_g1, rmse_g2.
     """
     levels = [simulation.noise_sigma] if noise_levels is None else [float(x) for x in noise_levels]
     rows = []
+    bound: ShearBound | None = None
     for noise in levels:
         noisy = dataclasses.replace(simulation, noise_sigma=noise)
         data = simulate_paired_test(noisy, test_count, seed, progress)
         key = paired_test_key(noisy, test_count, seed)
         psf = noisy.psf_image()
+        if bound is None:  # the same galaxies at every level: the bound at unit noise, once
+            population = {name: data[name] for name in ("half_light_radius", "flux", "intrinsic_g")}
+            population["shear"] = data["labels"]
+            noiseless = dataclasses.replace(simulation, noise_sigma=0.0)
+            bound, _ = cached_bound(noisy, population, cache_root(cache_dir),
+                                    paired_test_key(noiseless, test_count, seed), progress)
+        rows.append(bound_baseline(bound, noise, {"noise_sigma": noise}))
         for label, name, settings in BASELINE_ESTIMATORS:
             if not is_available(name):
                 continue

@@ -74,32 +74,43 @@ def noise_section(study_attrs: dict[str, Any], best: TrialRecord, baselines: lis
     for level, metrics in best.attrs[NOISE_LEVELS].items():
         levels[float(level)] = metrics
     reference = {base: next((b.metrics for b in baselines if b.key == "reference" and not b.conditions), {})}
+    bound = {float(b.conditions.get("noise_sigma", base)): b.metrics
+             for b in baselines if b.key == "bound"}
     for b in baselines:
         if b.key == "reference" and "noise_sigma" in b.conditions:
             reference[float(b.conditions["noise_sigma"])] = b.metrics
     header = ("pixel noise sigma", "network RMSE", "network m1", "network m2",
-              "reference RMSE", "reference m1", "reference m2", "RMSE ratio")
+              "reference RMSE", "reference m1", "reference m2", "RMSE ratio",
+              "Cramér-Rao bound", "network RMSE / bound", "reference RMSE / bound",
+              "reference per-galaxy RMSE / bound")
     rows = []
     for level in sorted(levels):
         net, ref = levels[level], reference.get(level, {})
         rows.append((f"{level:g}", *(format_value(net.get(k), net.get(f"{k}_err")) for k in ("rmse", "m1", "m2")),
                      *(format_value(ref.get(k), ref.get(f"{k}_err")) for k in ("rmse", "m1", "m2")),
-                     format_value(net.get("rmse_ratio"))))
+                     format_value(net.get("rmse_ratio")),
+                     format_value(bound.get(level, {}).get("rmse")),
+                     *(format_value(net.get(k)) for k in
+                       ("rmse_over_crb", "ref_rmse_over_crb", "ref_object_rmse_over_crb"))))
     figure = go.Figure()
     for index, (label, source) in enumerate(
-        ((f"network (trial {best.number})", levels), ("reference (mean response)", reference))
+        ((f"network (trial {best.number})", levels), ("reference (mean response)", reference),
+         ("Cramér-Rao bound", bound))
     ):
         points = [(level, source[level].get("rmse")) for level in sorted(source) if level > 0]
         points = [(x, y) for x, y in points if isinstance(y, (int, float))]
         if points:
             figure.add_trace(go.Scatter(
                 x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
-                name=label, marker={"color": COLOURS[index]}, line={"color": COLOURS[index]},
+                name=label, marker={"color": COLOURS[index]},
+                line={"color": COLOURS[index], "dash": "dash" if source is bound else "solid"},
             ))
     figure.update_layout(xaxis_type="log", yaxis_type="log", xaxis_title="pixel noise sigma (unit-flux galaxy)",
                          yaxis_title="RMSE of g per galaxy", height=380)
     explanation = note(
         "The same test galaxies with the same noise realisation scaled to each level "
-        "([objective] test_noise_levels). RMSE ratio: network RMSE / reference RMSE."
+        "([objective] test_noise_levels). RMSE ratio: network RMSE / reference RMSE. Cramér-Rao "
+        "bound: the smallest per-galaxy RMSE of g any unbiased estimator can reach on these "
+        "galaxies at that noise; RMSE / bound is 1 at the physical limit."
     )
     return explanation + html_table(header, rows, "noise-table") + "\n" + figure_html(figure, "noise-levels-0")

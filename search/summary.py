@@ -221,7 +221,7 @@ def _fitted_table(
 
 
 def summary_columns(study: optuna.Study) -> tuple[str, ...]:
-    """The columns its objective wants shown, plus the study's metrics."""
+    """The columns its objective wants shown that some trial stores, plus the study's metrics."""
     from lensnas.objectives import objective_class
 
     metrics = tuple(study.user_attrs.get("metrics", ()))
@@ -229,6 +229,9 @@ def summary_columns(study: optuna.Study) -> tuple[str, ...]:
         columns = objective_class(study.user_attrs["objective"]).summary_metrics()
     except (KeyError, ImportError):
         columns = ()
+    stored = {key for trial in study.get_trials(deepcopy=False) for key in trial.user_attrs}
+    if stored:  # a metric added since the study ran (e.g. rmse_over_crb) is no empty column
+        columns = tuple(c for c in columns if c in stored)
     return columns + tuple(m for m in metrics if m not in columns)
 
 

@@ -71,7 +71,8 @@ def test_report_tables_show_metrics_with_errors_and_the_reference(shear, report)
     assert f"± {best.user_attrs['m1_err']:.1e}" in report
     baselines = study_baselines(shear.study.user_attrs)
     own = [b for b in baselines if not b.conditions]
-    assert [b.key for b in own] == ["reference"]  # HSM has no response: no per-galaxy row
+    # HSM has no response: no per-galaxy row; then the Cramér-Rao bound
+    assert [b.key for b in own] == ["reference", "bound"]
     assert {"rmse", "m1", "m1_err", "c2"} <= set(own[0].metrics)
     assert 'id="reference-table"' in report and "<td>hsm, mean response</td>" in report
     assert f"<td>network (trial {best.number})</td>" in report
@@ -90,6 +91,8 @@ def test_report_compares_network_and_reference_across_noise_levels(shear, report
     assert at_noise["rmse_ratio"] == pytest.approx(at_noise["rmse"] / noisy[0].metrics["rmse"])
     assert '<section id="noise-levels">' in report and 'id="noise-levels-0"' in report
     assert "<td>1e-05</td>" in report and "<td>0.001</td>" in report
+    assert "network RMSE / bound" in report and "Cramér-Rao bound" in report
+    assert at_noise["rmse_over_crb"] == pytest.approx(at_noise["rmse"] / at_noise["crb_rmse"])
 
 
 def test_multi_objective_report_has_a_pareto_front_and_handles_few_trials(tmp_path):
@@ -180,7 +183,7 @@ def test_report_figures_render_with_legends_and_axis_titles(shear, report, tmp_p
     noise = figures["noise-levels-0"]
     assert "RMSE of g per galaxy" in _texts(noise, "ytitle")
     assert set(_texts(noise, "legendtext")) == {
-        f"network (trial {best.number})", "reference (mean response)"}
+        f"network (trial {best.number})", "reference (mean response)", "Cramér-Rao bound"}
 
 
 def test_bias_figure_draws_each_estimator_in_one_colour():
