@@ -11,9 +11,10 @@ declare (class attrs)  ``name``, ``family`` (a :class:`~lensnas.spaces.Family`),
                        per-epoch score the pruner compares, in the units of the metrics)
 data                   ``dataset_config()`` (what the cache key is made of), ``load_data()``
                        (simulate or read the arrays), ``after_load()`` (reference estimators,
-                       baselines), ``training_data()``
+                       baselines)
 model                  ``architecture_arguments()`` (the build arguments an export stores)
-train                  ``loss(config)``, ``validation_score(model, device)``
+train                  ``training_data(config)``, ``loss(config)``, ``validation_score(model,
+                       device)``, ``batch_transform(config)`` (optional)
 score                  ``score(model, config, ctx)`` -> metrics of the test set
 figure                 ``figure(model, path)`` (optional)
 engine extras          ``check_options``, ``check_metrics``, ``baseline_table(noise_levels)``
@@ -232,6 +233,13 @@ class Objective:
         """Raise SpaceError for metrics these options cannot give (default: all can)."""
 
     @classmethod
+    def check_training(
+        cls, training: dict[str, Any], space: list[Any], options: dict[str, Any]
+    ) -> None:
+        """Raise SpaceError for training settings (fixed in ``training`` or possible in the
+        ``space`` dimensions) these options cannot use (default: all can)."""
+
+    @classmethod
     def summary_metrics(cls) -> tuple[str, ...]:
         """The metrics tables show first (status, report, model card)."""
         return tuple(name for name, metric in cls.METRICS.items() if metric.summary)
@@ -259,9 +267,15 @@ class Objective:
     def after_load(self) -> None:
         """Work on the loaded data done once per process (reference estimators, baselines)."""
 
-    def training_data(self) -> tuple[Any, Any]:
-        """``(inputs, targets)`` of the training split, array-like and indexable by arrays."""
+    def training_data(self, config: dict[str, Any]) -> tuple[Any, Any]:
+        """``(inputs, targets)`` of the training split for a trial of ``config``, array-like and
+        indexable by integer arrays."""
         raise NotImplementedError
+
+    def batch_transform(self, config: dict[str, Any]) -> Callable[..., Any] | None:
+        """A function ``(x, y, generator) -> (x, y)`` applied to every training batch (data
+        augmentation, fresh noise), or None."""
+        return None
 
     @property
     def dataset_key(self) -> str:
@@ -325,7 +339,7 @@ class Objective:
 
         return train_model(
             model,
-            self.training_data(),
+            self.training_data(config),
             loss_fn=self.loss(config),
             validation_score=lambda m: self.validation_score(m, ctx.device),
             maximize=self.VALIDATION_SCORE.direction == "maximize",
@@ -335,6 +349,8 @@ class Objective:
             epochs=config["epochs"],
             weight_decay=config["weight_decay"],
             ctx=ctx,
+            options=config,
+            batch_transform=self.batch_transform(config),
         )
 
     # ----- scoring hooks

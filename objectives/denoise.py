@@ -320,7 +320,7 @@ class DenoiseObjective(Objective):
         self._active = self.noisy_set(*self.trial_noise(config))
         return super().train(model, config, ctx)
 
-    def training_data(self) -> tuple[Any, Any]:
+    def training_data(self, config: dict[str, Any]) -> tuple[Any, Any]:
         active = self._active or self._noisy_sets[self.noise]
         return active.images["train"], self.data["train_clean"]
 

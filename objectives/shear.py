@@ -30,12 +30,14 @@ from lensnas.objectives.shear_data import (
     PSF_PROFILES,
     SPLITS,
     GalaxySimulation,
+    noiseless_images,
     simulate,
     simulate_test_at_noise,
     simulation_config,
 )
 from lensnas.objectives.shear_metrics import rmse, shear_metrics
 from lensnas.objectives.training import REGRESSION_LOSSES, predict
+from lensnas.spaces.d4 import random_transform
 from lensnas.spaces.dimensions import SpaceError
 from lensnas.spaces.shear_cnn import SHEAR_CNN
 
@@ -138,6 +140,7 @@ class ShearObjective(Objective):
         self.noise_tests: dict[float, dict[str, np.ndarray]] = {}
         self.input_scale = 1.0
         self._test_estimate: np.ndarray | None = None
+        self._noiseless: np.ndarray | None = None
 
     @classmethod
     def check_options(cls, table: dict[str, Any], prefix: str = "objective") -> dict[str, Any]:
@@ -275,8 +278,55 @@ class ShearObjective(Objective):
             "output_scale": max(self.simulation.shear_max, 1e-3),
         }
 
-    def training_data(self) -> tuple[Any, Any]:
-        return self.inputs("train"), self.data["train.labels"]
+    def training_data(self, config: dict[str, Any]) -> tuple[Any, Any]:
+        """The training stamps; with ``fresh_noise`` their noiseless renderings (the noise is
+        drawn anew for every batch by :meth:`batch_transform`)."""
+        if not config.get("fresh_noise"):
+            return self.inputs("train"), self.data["train.labels"]
+        if self._noiseless is None:
+            config_key = {"dataset": self.dataset_key, "split": "train", "noiseless": True}
+            arrays, _, _ = cached_arrays(self.cache_dir, "shear-noiseless", config_key, lambda: (
+                {"images": noiseless_images(self.simulation, self.data["train.images"], self.seed,
+                                            "train")}, {}))
+            self._noiseless = arrays["images"]
+        return self.stamp_inputs(self._noiseless), self.data["train.labels"]
+
+    def batch_transform(self, config: dict[str, Any]) -> Any:
+        """Fresh pixel noise (galaxy channel only) and/or a random D4 element per batch."""
+        sigma = self.simulation.noise_sigma if config.get("fresh_noise") else 0.0
+        d4 = config.get("augment", "none") == "d4"
+        if not sigma and not d4:
+            return None
+
+        def transform(x: torch.Tensor, g: torch.Tensor, generator: torch.Generator):
+            if sigma:
+                noise = torch.randn(x[:, :1].shape, generator=generator, device=x.device) * sigma
+                x = torch.cat([x[:, :1] + noise, x[:, 1:]], dim=1)
+            return random_transform(x, g, generator) if d4 else (x, g)
+
+        return transform
+
+    @classmethod
+    def check_training(cls, training: dict[str, Any], space: list[Any], options: dict[str, Any]) -> None:
+        """D4 augmentation and symmetrization need a PSF that D4 maps onto itself; a PSF
+        branch needs the PSF image as an input channel."""
+        checks = [("psf_branch", True, ("needs the PSF image as a second input channel: set "
+                   "objective.psf_channel = true"), "false")] if not options["psf_channel"] else []
+        if options["psf_g1"] or options["psf_g2"]:
+            why = (f"needs a D4-symmetric PSF, but objective.psf_g1/psf_g2 = {options['psf_g1']}, "
+                   f"{options['psf_g2']} make it elliptical")
+            checks += [("augment", "d4", why, "none"), ("symmetrize", True, why, "false")]
+        for key, bad, why, allowed in checks:
+            possible = [training[key]] if key in training else []
+            for dimension in space:
+                if dimension.name == key:
+                    possible = list(dimension.possible_values() or [])
+                    table = "space"
+                    break
+            else:
+                table = "training"
+            if any(value == bad and type(value) is type(bad) for value in possible):
+                raise SpaceError(f"{table}.{key}", f"{bad!r} {why}; allowed here: {allowed}")
 
     def loss(self, config: dict[str, Any]) -> torch.nn.Module:
         return REGRESSION_LOSSES[config["loss"]]()

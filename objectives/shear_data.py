@@ -201,3 +201,18 @@ def simulate_test_at_noise(
 def simulation_config(simulation: GalaxySimulation) -> dict[str, Any]:
     """A JSON-serialisable description (what the cache key is made of)."""
     return asdict(simulation)
+
+
+def noiseless_images(simulation: GalaxySimulation, images: np.ndarray, seed: int, split: str,
+                     chunk: int = 4096) -> np.ndarray:
+    """A split's images without their pixel noise: the same noise drawn again from the split's
+    seed (as :func:`simulate_split` drew it) and subtracted, in float32."""
+    _, noise_seed = split_seeds(seed)[split].spawn(2)
+    rng = np.random.default_rng(noise_seed)
+    size = simulation.stamp_size
+    out = np.empty(images.shape, dtype=np.float32)
+    for start in range(0, len(images), chunk):
+        stop = min(start + chunk, len(images))
+        noise = rng.normal(0, simulation.noise_sigma, (stop - start, size, size))
+        out[start:stop] = images[start:stop] - noise
+    return out

@@ -275,7 +275,7 @@ class SRObjective(Objective):
     def architecture_arguments(self) -> dict[str, Any]:
         return {"in_channels": 1, "scale": self.scale}
 
-    def training_data(self) -> tuple[Any, Any]:
+    def training_data(self, config: dict[str, Any]) -> tuple[Any, Any]:
         return self.data["train_lr"], self.data["train_hr"]
 
     def loss(self, config: dict[str, Any]) -> torch.nn.Module:

@@ -6,6 +6,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,9 +50,77 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int, device: str) -> np
     return np.concatenate(outputs)
 
 
+# Training recipe options every family accepts (``[training]`` or ``[space]``), with defaults
+# that reproduce the plain loop: AdamW at a constant learning rate.
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "lr_schedule": "constant",  # constant | cosine (with warmup_fraction) | onecycle | plateau
+    "warmup_fraction": 0.0,  # cosine: fraction of the steps with a linear warm-up
+    "optimizer": "adamw",  # adamw | sgd (with momentum)
+    "momentum": 0.9,
+    "grad_clip": 0.0,  # global gradient norm; 0 = off
+    "ema_decay": 0.0,  # exponential moving average of the weights, evaluated and exported; 0 = off
+    "precision": "fp32",  # fp32 | bf16 (autocast on CUDA)
+    "channels_last": False,  # CUDA memory format
+    "compile": False,  # torch.compile the model
+}
+SCHEDULES = ("constant", "cosine", "onecycle", "plateau")
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("fp32", "bf16")
+DEVICE_FRACTION = 0.5  # a training set larger than this share of free GPU memory stays on the host
+
+BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial's recipe options: :data:`RECIPE_DEFAULTS` overlaid with ``config``."""
+    return {key: config.get(key, default) for key, default in RECIPE_DEFAULTS.items()}
+
+
+def as_device_tensor(array: Any, device: str) -> torch.Tensor:
+    """One float32 copy of an array-like training split on ``device`` when it fits (batches are
+    then indexed there); otherwise in pinned host memory, copied batch by batch."""
+    host = torch.from_numpy(np.ascontiguousarray(np.asarray(array[np.arange(len(array))], dtype=np.float32)))
+    if not device.startswith("cuda"):
+        return host
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if host.numel() * 4 < DEVICE_FRACTION * free:
+        return host.to(device)
+    return host.pin_memory()
+
+
+def _optimizer(model: nn.Module, options: dict[str, Any], learning_rate: float, weight_decay: float):
+    if options["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=options["momentum"],
+                               weight_decay=weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, options: dict[str, Any], learning_rate: float,
+               total_steps: int, maximize: bool):
+    """The learning-rate schedule; stepped per batch except "plateau" (per epoch)."""
+    name = options["lr_schedule"]
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total_steps)
+    if name == "cosine":
+        warmup = int(options["warmup_fraction"] * total_steps)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max" if maximize else "min", factor=0.5, patience=2
+        )
+    return None
+
+
 def train_model(
     model: nn.Module,
-    train: tuple[np.ndarray, np.ndarray],
+    train: tuple[Any, Any],
     *,
     loss_fn: nn.Module,
     validation_score: Callable[[nn.Module], float],
@@ -62,47 +131,85 @@ def train_model(
     epochs: int,
     weight_decay: float,
     ctx: TrialContext,
+    options: dict[str, Any] | None = None,
+    batch_transform: BatchTransform | None = None,
 ) -> TrainingResult:
-    """Train with AdamW; after each epoch report ``validation_score(model)`` (the objective's
+    """Train ``model``; after each epoch report ``validation_score(model)`` (the objective's
     score in the units of its metrics, whatever the loss) and keep the best epoch's weights.
 
-    Raises TrialPruned when the context says so and TrialFailed on a non-finite loss or score.
+    ``options`` are the recipe (:data:`RECIPE_DEFAULTS`: schedule, optimizer, gradient
+    clipping, weight averaging, precision); ``batch_transform(x, y, generator)`` changes each
+    training batch (augmentation, fresh noise) with the trial's seeded generator. The training
+    set is copied once to the device when it fits. Raises TrialPruned when the context says so
+    and TrialFailed on a non-finite loss or score.
     """
+    options = recipe(options or {})
     generator = seed_everything(ctx.seed)
     device = ctx.device
+    batch_generator = torch.Generator(device=device).manual_seed(ctx.seed)
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    train_x, train_y = train
+    if options["channels_last"] and device.startswith("cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    train_x, train_y = (as_device_tensor(a, device) for a in train)
+    optimizer = _optimizer(model, options, learning_rate, weight_decay)
+    steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    scheduler = _scheduler(optimizer, options, learning_rate, epochs * steps_per_epoch, maximize)
+    per_batch = scheduler is not None and options["lr_schedule"] != "plateau"
+    averaged = None
+    if options["ema_decay"] > 0:
+        averaged = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(options["ema_decay"]),
+            use_buffers=True,
+        )
+    forward = torch.compile(model) if options["compile"] else model
+    autocast = options["precision"] == "bf16" and device.startswith("cuda")
     sign = -1.0 if maximize else 1.0
     best_score, best_state, history = math.nan, None, []
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.randperm(len(train_x), generator=generator).numpy()
+        order = torch.randperm(len(train_x), generator=generator)
         for start in range(0, len(order), batch_size):
-            index = np.sort(order[start : start + batch_size])
+            index = order[start : start + batch_size]
+            x = train_x[index].to(device, non_blocking=True)
+            y = train_y[index].to(device, non_blocking=True)
+            if batch_transform is not None:
+                x, y = batch_transform(x, y, batch_generator)
+            if options["channels_last"] and device.startswith("cuda"):
+                x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(_tensor(train_x, index, device)), _tensor(train_y, index, device))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(forward(x).float(), y)
             if not torch.isfinite(loss):
                 raise TrialFailed(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}")
             loss.backward()
+            if options["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), options["grad_clip"])
             optimizer.step()
-        model.eval()
+            if per_batch:
+                scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
+        evaluated = model if averaged is None else averaged.module
+        evaluated.eval()
         with torch.no_grad():
-            score = float(validation_score(model))
+            score = float(validation_score(evaluated))
         if not math.isfinite(score):
             raise TrialFailed(f"non-finite {score_label} ({score}) at epoch {epoch}")
+        if scheduler is not None and not per_batch:
+            scheduler.step(score)
         history.append(score)
         ctx.report(epoch, score)
         ctx.log(f"epoch {epoch}/{epochs} {score_label} {score:.4g}")
         if best_state is None or sign * score < sign * best_score:
             best_score = score
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(evaluated.state_dict())
         if ctx.should_prune():
             raise TrialPruned(f"pruned at epoch {epoch} ({score_label} {score:.4g})")
+    result = model if averaged is None else averaged.module
     if best_state is not None:
-        model.load_state_dict(best_state)
-    return TrainingResult(model, best_score, len(history), time.perf_counter() - started, history)
+        result.load_state_dict(best_state)
+    return TrainingResult(result, best_score, len(history), time.perf_counter() - started, history)
 
 
 def parameter_count(model: nn.Module) -> int:

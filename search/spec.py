@@ -206,6 +206,7 @@ def _validate(path: Path, raw: dict[str, Any]) -> StudySpec:
     training, device = _training(raw.get("training", {}), family, {d.name for d in space})
     options = cls.check_options(raw.get("objective", {}))
     cls.check_metrics(metrics, options)
+    cls.check_training(training, space, options)
 
     presets = _string_list("study.presets", study["presets"]) if study.get("presets", []) != [] else ()
     for i, preset in enumerate(presets):

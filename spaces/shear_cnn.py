@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lensnas.spaces.d4 import D4Symmetrized
 from lensnas.spaces.family import Choice, Family, Range
 from lensnas.spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
 from lensnas.spaces.shear_blocks import (
@@ -166,9 +167,11 @@ def build_shear_cnn(
     image_size: int = 53,
     input_scale: float = 1.0,
     output_scale: float = 1.0,
-) -> ShearCNN:
-    """Build a shear CNN from a full configuration (see SHEAR_CNN.defaults)."""
-    return ShearCNN(config, in_channels, image_size, 2, input_scale, output_scale)
+) -> nn.Module:
+    """Build a shear CNN from a full configuration (see SHEAR_CNN.defaults); with
+    ``symmetrize`` it is averaged over the D4 group in evaluation."""
+    network = ShearCNN(config, in_channels, image_size, 2, input_scale, output_scale)
+    return D4Symmetrized(network) if config.get("symmetrize", False) else network
 
 
 def example_stamps(
@@ -200,6 +203,16 @@ TRAINING_RULES = {
     "batch_size": Range(1, 65536, integer=True),
     "epochs": Range(1, 10000, integer=True),
     "weight_decay": Range(0.0, 1.0),
+    # the training recipe (lensnas.objectives.training.RECIPE_DEFAULTS)
+    "lr_schedule": Choice(("constant", "cosine", "onecycle", "plateau")),
+    "warmup_fraction": Range(0.0, 0.5),
+    "optimizer": Choice(("adamw", "sgd")),
+    "momentum": Range(0.0, 0.999),
+    "grad_clip": Range(0.0, 1e6),
+    "ema_decay": Range(0.0, 0.99999),
+    "precision": Choice(("fp32", "bf16")),
+    "channels_last": Choice((True, False)),
+    "compile": Choice((True, False)),
 }
 
 # ShearNet's small CNN: conv 16 3x3 + avg-pool 2, conv 32 3x3 + avg-pool 2, dense 128, 2 outputs.
@@ -258,8 +271,8 @@ FORK_LIKE = {**RESEARCH_BACKED, "psf_branch": True}
 
 SHEAR_CNN = Family(
     name="shear_cnn",
-    # 2: block, attention, psf_branch, multiscale_fusion, stem_width, pool_last, head_norm
-    # (version-1 exports load with their defaults: the version-1 network)
+    # 2: symmetrize, block, attention, psf_branch, multiscale_fusion, stem_width, pool_last,
+    # head_norm (version-1 exports load with their defaults: the version-1 network)
     version=2,
     build=build_shear_cnn,
     rules={
@@ -281,18 +294,24 @@ SHEAR_CNN = Family(
         "pool_last": Choice((True, False)),
         "head_norm": Choice((True, False)),  # head = "dense" only
         "loss": Choice(("mse", "l1", "huber")),
+        "augment": Choice(("none", "d4")),  # each batch under a random D4 element
+        "fresh_noise": Choice((True, False)),  # new pixel noise every epoch
+        "symmetrize": Choice((True, False)),  # the network averaged over D4 (also exported)
         **TRAINING_RULES,
     },
     # The defaults are ShearNet's network, so a space that fixes nothing searches around it.
     defaults={
         **SHEARNET_CNN,
         "loss": "mse",
+        "augment": "none",
+        "fresh_noise": False,
+        "symmetrize": False,
         "learning_rate": 1e-3,
         "batch_size": 64,
         "epochs": 10,
         "weight_decay": 0.0,
     },
-    architecture_keys=tuple(SHEARNET_CNN),
+    architecture_keys=(*SHEARNET_CNN, "symmetrize"),
     example_input=example_stamps,
     describe_io=describe_stamps,
     presets={

@@ -113,7 +113,7 @@ class MeanObjective(Objective):
         n = self.options["n"]
         return slice(index * n, (index + 1) * n)
 
-    def training_data(self):
+    def training_data(self, config):
         return self.data["images"][self.split(0)], self.data["labels"][self.split(0)]
 
     def architecture_arguments(self) -> dict[str, Any]:
