@@ -15,7 +15,10 @@ noise (``images_minus``) for the noise-cancelling paired bias protocol.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -113,14 +116,57 @@ def draw_population(
     }
 
 
+RENDER_CHUNK = 512  # galaxies per task when rendering in parallel
+
+
 def render(
     simulation: GalaxySimulation,
     population: dict[str, np.ndarray],
     noise: np.ndarray,
     shear_sign: float = 1.0,
     on_progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> np.ndarray:
-    """Render every galaxy of ``population`` with shear ``shear_sign * g`` plus ``noise``."""
+    """Render every galaxy of ``population`` with shear ``shear_sign * g`` plus ``noise``, on
+    ``workers`` processes (default: every core this process may use) when there are several
+    chunks; the result does not depend on the number of workers."""
+    count = len(population["flux"])
+    starts = list(range(0, count, RENDER_CHUNK))
+    workers = min(workers or _cores(), len(starts))
+    if workers <= 1:
+        return _render_chunk(simulation, population, noise, shear_sign, on_progress)
+    images = np.empty((count, simulation.stamp_size, simulation.stamp_size), dtype=np.float32)
+
+    def chunk(start: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        stop = start + RENDER_CHUNK
+        return {k: v[start:stop] for k, v in population.items()}, noise[start:stop]
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context()) as pool:
+        futures = {pool.submit(_render_chunk, simulation, *chunk(start), shear_sign): start
+                   for start in starts}
+        for future in as_completed(futures):
+            start = futures[future]
+            images[start : start + RENDER_CHUNK] = future.result()
+            if on_progress is not None:
+                on_progress(min(RENDER_CHUNK, count - start))
+    return images
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _render_chunk(
+    simulation: GalaxySimulation,
+    population: dict[str, np.ndarray],
+    noise: np.ndarray,
+    shear_sign: float = 1.0,
+    on_progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Render galaxies one by one in this process (see :func:`render`)."""
     psf = simulation.psf()
     size, scale = simulation.stamp_size, simulation.pixel_scale
     images = np.empty((len(population["flux"]), size, size), dtype=np.float32)

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from lensnas.search.progress import TrialProgress
 from lensnas.search.spec import StudySpec
-from lensnas.search.storage import claim_lock
+from lensnas.search.storage import claim_lock, sqlite_path
 from lensnas.search.study import (
     FAIL_REASON,
     FINISHED,
@@ -41,7 +41,7 @@ def claim_trial(
 ) -> optuna.Trial | None | bool:
     """A new trial, False when the study is done, None when others run the last trials."""
     with claim_lock(storage_url):
-        fail_abandoned_trials(study)
+        fail_abandoned_trials(study, claims_locked=sqlite_path(storage_url) is not None)
         states = [t.state for t in study.get_trials(deepcopy=False)]
         finished = sum(s in FINISHED for s in states)
         running = states.count(TrialState.RUNNING)

@@ -216,12 +216,21 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def fail_abandoned_trials(study: optuna.Study) -> list[int]:
+def fail_abandoned_trials(study: optuna.Study, claims_locked: bool = False) -> list[int]:
     """Fail RUNNING trials whose process is gone: a dead process on this host at once,
-    others once their heartbeat is older than the storage's grace period."""
+    others once their heartbeat is older than the storage's grace period.
+
+    ``claims_locked``: the caller holds the exclusive claim lock, under which every claimer
+    marks its trial's worker right after asking for it; a RUNNING trial without that mark was
+    then abandoned by a process that died while claiming it (it has no heartbeat either).
+    """
     host = socket.gethostname()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if claims_locked and WORKER not in trial.user_attrs:
+            if fail_trial(study, trial.number, "abandoned: its launcher died while claiming it"):
+                failed.append(trial.number)
+            continue
         worker_host, _, pid = str(trial.user_attrs.get(WORKER, "")).rpartition(":")
         dead = worker_host == host and pid.isdigit() and not _process_alive(int(pid))
         if dead and fail_trial(study, trial.number, f"abandoned: process {pid} on {host} died"):

@@ -136,10 +136,12 @@ def test_two_launchers_share_one_sqlite_study(tmp_path):
 def test_killed_ray_driver_leaves_nothing_running(tmp_path):
     from tests.ray_fixtures import write_ray_study
 
-    n_trials = 6
-    study_file = write_ray_study(tmp_path, "raykill", n_trials=n_trials, epochs=30)
+    study_file = write_ray_study(tmp_path, "raykill", n_trials=6, epochs=30)
     storage = f"sqlite:///{tmp_path}/lensnas.db"
-    ray_command = _launch_command(study_file, storage) + ["--executor", "ray", "--max-concurrent", "2"]
+    # The killed drivers aim at more trials than they can finish, so each is still running
+    # when its kill comes, however fast trials run on this machine.
+    ray_command = _launch_command(study_file, storage) + [
+        "--executor", "ray", "--max-concurrent", "2", "--n-trials", "1000"]
     kills, mid_trial = 0, 0
     rng = random.Random(5)
     for attempt in range(10):
@@ -168,8 +170,11 @@ def test_killed_ray_driver_leaves_nothing_running(tmp_path):
     assert kills == 10 and mid_trial >= 4
     text = study_file.read_text().replace("epochs = 30", "epochs = 1")
     study_file.write_text(text)  # finish quickly with the local executor
-    finished = subprocess.run(_launch_command(study_file, storage), check=False, cwd=tmp_path,
-                              env=_env(), capture_output=True, text=True, timeout=600)
+    n_trials = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                   for t in _trials(storage, "raykill")) + 2
+    finished = subprocess.run(_launch_command(study_file, storage) + ["--n-trials", str(n_trials)],
+                              check=False, cwd=tmp_path, env=_env(), capture_output=True,
+                              text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
     states = [t.state for t in _trials(storage, "raykill")]
     assert TrialState.RUNNING not in states

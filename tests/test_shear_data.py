@@ -111,3 +111,17 @@ def test_the_test_set_at_another_noise_level_holds_the_same_galaxies():
 def test_bad_test_noise_levels_are_refused(levels):
     with pytest.raises(SpaceError, match="objective.test_noise_levels"):
         ShearObjective.check_options({"test_noise_levels": levels})
+
+
+def test_parallel_rendering_gives_the_same_images_as_one_process():
+    from lensnas.objectives.shear_data import RENDER_CHUNK, draw_population, render
+
+    simulation = GalaxySimulation(stamp_size=15, pixel_scale=0.3)
+    count = 2 * RENDER_CHUNK + 7  # three chunks, the last one short
+    population = draw_population(simulation, np.random.default_rng(1), count)
+    noise = np.random.default_rng(2).normal(0, 1e-5, (count, 15, 15))
+    seen = []
+    parallel = render(simulation, population, noise, workers=2, on_progress=seen.append)
+    serial = render(simulation, population, noise, workers=1)
+    np.testing.assert_array_equal(parallel, serial)
+    assert sum(seen) == count
