@@ -304,13 +304,21 @@ class Objective:
         """Keyword arguments of ``family.build`` besides the config (stored in an export)."""
         return {}
 
+    def input_description(self) -> dict[str, Any]:
+        """What the training inputs were like (units, ranges), stored with an export under
+        ``input`` for the family's ``check_input`` (default: nothing)."""
+        return {}
+
     def architecture(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Everything needed to rebuild the trial's network (family, version, build arguments)."""
+        """Everything needed to rebuild the trial's network (family, version, build arguments)
+        and, under ``input``, what its training inputs were like."""
+        description = self.input_description()
         return {
             "family": self.family.name,
             "version": self.family.version,
             "config": self.family.architecture(self.config(params)),
             **self.architecture_arguments(),
+            **({"input": description} if description else {}),
         }
 
     def config(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -320,7 +328,8 @@ class Objective:
     def build_model(self, params: dict[str, Any]) -> Any:
         """The trial's network, untrained."""
         spec = self.architecture(params)
-        arguments = {k: v for k, v in spec.items() if k not in ("family", "version", "config")}
+        arguments = {k: v for k, v in spec.items()
+                     if k not in ("family", "version", "config", "input")}
         return self.family.build(spec["config"], **arguments)
 
     # ----- training hooks

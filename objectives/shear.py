@@ -278,6 +278,15 @@ class ShearObjective(Objective):
             "output_scale": max(self.simulation.shear_max, 1e-3),
         }
 
+    def input_description(self) -> dict[str, Any]:
+        simulation = self.simulation
+        return {
+            "total_flux": [simulation.flux_min, simulation.flux_max],
+            "noise_sigma": simulation.noise_sigma,
+            "pixel_scale_arcsec": simulation.pixel_scale,
+            "psf": f"{simulation.psf_profile}, FWHM {simulation.psf_fwhm} arcsec",
+        }
+
     def training_data(self, config: dict[str, Any]) -> tuple[Any, Any]:
         """The training stamps; with ``fresh_noise`` their noiseless renderings (the noise is
         drawn anew for every batch by :meth:`batch_transform`)."""

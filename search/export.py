@@ -360,6 +360,8 @@ def model_card(
         f'session = onnxruntime.InferenceSession(str(folder / "{ONNX}"))',
         'y_onnx = session.run(None, {"input": x.numpy()})[0]',
         "print(y.shape, abs(y.numpy() - y_onnx).max())",
+        "for warning in spaces.check_input(folder, x):  # inputs unlike the training data",
+        '    print("warning:", warning)  # (the random example input is no galaxy)',
         "```",
         "",
     ]

@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 from lensnas.spaces.dimensions import Dimension, SpaceError, parse_space, suggest
 from lensnas.spaces.errors import ArchitectureError, LensnasError
 from lensnas.spaces.family import Family
-from lensnas.spaces.loading import load
+from lensnas.spaces.loading import check_input, load
 
 ENTRY_POINT_GROUP = "lensnas.families"
 _BUILT_IN = {
@@ -68,6 +68,7 @@ __all__ = [
     "Family",
     "LensnasError",
     "SpaceError",
+    "check_input",
     "family",
     "family_names",
     "load",

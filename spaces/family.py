@@ -64,7 +64,8 @@ class Family:
     ``build(config, **arguments)`` makes the network from its architecture parameters and the
     keyword arguments stored in an export's architecture.json; ``example_input`` gives a random
     input of the right shape and units (export traces and checks on it) and ``describe_io``
-    says in words what the network takes and returns (model cards).
+    says in words what the network takes and returns (model cards); ``check_input(spec, x)``
+    warns about inputs unlike the training data (``lensnas.spaces.check_input``).
     """
 
     name: str
@@ -75,6 +76,7 @@ class Family:
     architecture_keys: tuple[str, ...]
     example_input: ExampleInput | None = None
     describe_io: Callable[[dict[str, Any]], str] | None = None
+    check_input: Callable[[dict[str, Any], Any], list[str]] | None = None
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def check_space(self, dimensions: list[Dimension], prefix: str = "space") -> None:

@@ -19,6 +19,7 @@ from lensnas.spaces.errors import ArchitectureError
 ARCHITECTURE_FILE = "architecture.json"
 WEIGHTS_FILE = "weights.pt"
 HEADER_KEYS = ("family", "version", "config")
+INPUT_KEY = "input"  # what the training inputs were like (units, ranges); not a build argument
 
 
 
@@ -73,7 +74,7 @@ def build(spec: dict[str, Any], source: str | Path = "architecture") -> nn.Modul
         raise ArchitectureError(
             f"{source}: config.{missing[0]}: missing (required by {family.name})"
         )
-    arguments = {key: value for key, value in spec.items() if key not in HEADER_KEYS}
+    arguments = {key: value for key, value in spec.items() if key not in (*HEADER_KEYS, INPUT_KEY)}
     try:
         return family.build(config, **arguments)
     except TypeError as error:
@@ -99,3 +100,13 @@ def load(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Mod
             f"{weights}: weights do not fit the architecture ({' '.join(first[:2])})"
         ) from None
     return model.eval()
+
+
+def check_input(folder_or_spec: str | Path | dict[str, Any], x: Any) -> list[str]:
+    """Warnings (empty when none) about inputs ``x`` (an array or tensor of the network's input
+    shape) that lie outside what the exported network was trained on: one line each."""
+    from lensnas.spaces import family as registered_family
+
+    spec = folder_or_spec if isinstance(folder_or_spec, dict) else read_architecture(folder_or_spec)
+    check = registered_family(spec["family"]).check_input
+    return [] if check is None else check(spec, x)

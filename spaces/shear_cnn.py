@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -198,6 +199,31 @@ def describe_stamps(spec: dict[str, Any]) -> str:
     )
 
 
+FLUX_TOLERANCE = 2.0  # a stamp's total flux may be this factor outside the training range
+
+
+def check_stamps(spec: dict[str, Any], x: Any) -> list[str]:
+    """Warnings for stamps unlike the training stamps: shape, and total flux (channel 1) more
+    than a factor 2 outside the training range (stored under ``input`` by the export)."""
+    array = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+    channels, size = int(spec.get("in_channels", 1)), int(spec["image_size"])
+    if array.ndim != 4 or array.shape[1:] != (channels, size, size):
+        return [f"input shape {array.shape}: the network takes (N, {channels}, {size}, {size})"]
+    low, high = spec.get("input", {}).get("total_flux", (None, None))
+    if low is None:
+        return []
+    flux = array[:, 0].sum(axis=(1, 2))
+    outside = np.flatnonzero((flux < low / FLUX_TOLERANCE) | (flux > high * FLUX_TOLERANCE))
+    if not len(outside):
+        return []
+    return [
+        (f"{len(outside)} of {len(flux)} stamps have a total flux outside {low:g}..{high:g} (the "
+        f"training range) by more than a factor {FLUX_TOLERANCE:g}, e.g. stamp {outside[0]}: "
+        f"{flux[outside[0]]:.3g}; normalise stamps to unit flux as in training, or their shears "
+        "are meaningless")
+    ]
+
+
 TRAINING_RULES = {
     "learning_rate": Range(1e-7, 1.0),
     "batch_size": Range(1, 65536, integer=True),
@@ -314,6 +340,7 @@ SHEAR_CNN = Family(
     architecture_keys=(*SHEARNET_CNN, "symmetrize"),
     example_input=example_stamps,
     describe_io=describe_stamps,
+    check_input=check_stamps,
     presets={
         "shearnet_cnn": SHEARNET_CNN,
         "research_backed": RESEARCH_BACKED,

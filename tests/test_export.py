@@ -189,8 +189,11 @@ def test_model_card_snippet_runs_as_written(shear, shear_export, tmp_path):
     run = subprocess.run([sys.executable, str(script)], cwd=folder, capture_output=True,
                          text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
-    shape, difference = run.stdout.split(")", 1)
+    first, *warnings = run.stdout.splitlines()
+    shape, difference = first.split(")", 1)
     assert shape == "torch.Size([2, 2]" and float(difference) < 1e-4
+    # the example input is pixel noise, no unit-flux galaxy: the check says so
+    assert warnings and "total flux outside 1..1" in warnings[0], run.stdout
 
 
 def _copy_with_architecture(source: Path, target: Path, **changes) -> Path:

@@ -163,3 +163,16 @@ def test_bad_recipe_settings_are_one_line_errors(tmp_path, capsys, line, key, me
     assert main(["launch", str(study), "--storage", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and key in err and message in err, err
+
+
+def test_check_input_warns_about_stamps_unlike_the_training_data(shear):
+    from lensnas.spaces import check_input
+
+    spec = shear.architecture(TINY)
+    assert spec["input"]["total_flux"] == [1.0, 1.0]
+    stamps = np.asarray(shear.inputs("test")[np.arange(4)])
+    assert check_input(spec, stamps) == []
+    (warning,) = check_input(spec, stamps * 60.0)  # counts instead of unit flux
+    assert "4 of 4 stamps" in warning and "unit flux" in warning
+    (shape,) = check_input(spec, stamps[:, :, :20])
+    assert "(N, 1, 21, 21)" in shape
