@@ -39,6 +39,7 @@ from lensnas.search.ray_worker import RayJob, ray_trial
 from lensnas.search.spec import SpecError, StudySpec
 from lensnas.search.storage import redact
 from lensnas.search.study import finished_count
+from lensnas.spaces.errors import LensnasError
 
 
 def check_ray_options(
@@ -142,6 +143,8 @@ def run_ray(
             shutil.rmtree(results_dir, ignore_errors=True)
     if run.interrupted:
         raise KeyboardInterrupt
+    if run.bad_input:
+        raise LensnasError(f"a Ray worker: {run.bad_input}")
     if run.timed_out:
         say(f"{spec.name}: timeout of {spec.timeout:g} s reached")
     if run.cache_misses:

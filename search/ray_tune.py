@@ -23,7 +23,14 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from lensnas.search.progress import TrialProgress
-from lensnas.search.ray_worker import RAY_TRIAL_ATTR, RUN_ATTR, SKIPPED, RayJob, shared_storage
+from lensnas.search.ray_worker import (
+    BAD_INPUT,
+    RAY_TRIAL_ATTR,
+    RUN_ATTR,
+    SKIPPED,
+    RayJob,
+    shared_storage,
+)
 from lensnas.search.study import FINISHED, StopAfterFailures, fail_abandoned_trials, fail_trial
 
 
@@ -36,6 +43,7 @@ class RayRun(StopAfterFailures):
         self.cache_misses = 0
         self.interrupted = False
         self.timed_out = False
+        self.bad_input: str | None = None  # a worker's one-line error about the study's input
 
     def why_stopped(self) -> str:
         """Why trials still running at the end of the run were stopped."""
@@ -73,7 +81,7 @@ class Feeder(Searcher):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         """The config of a new Ray trial, None to wait, or FINISHED when no trial is needed."""
-        if self.run.stopped_reason or self.run.interrupted:
+        if self.run.stopped_reason or self.run.interrupted or self.run.bad_input:
             return Searcher.FINISHED
         if time.monotonic() > self.deadline:  # study.timeout: running trials finish
             self.run.timed_out = True
@@ -134,6 +142,9 @@ class Monitor(tune.Callback):
         """Count the outcome a Ray trial reported and show it."""
         state = result.get("state", "")
         reason = result.get("fail_reason") or None
+        if state == BAD_INPUT:
+            self.run.bad_input = self.run.bad_input or reason
+            return
         self.run.count(state, reason)
         if state == SKIPPED:
             return
@@ -162,8 +173,8 @@ class StopAll(tune.Stopper):
         return False
 
     def stop_all(self) -> bool:
-        """Stop them all once the run is interrupted."""
-        return self.run.interrupted
+        """Stop them all once the run is interrupted or a worker found bad input."""
+        return self.run.interrupted or bool(self.run.bad_input)
 
 
 def fail_running(job: RayJob, reason: str, ray_trial_id: str | None = None) -> list[int]:

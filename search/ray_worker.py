@@ -27,10 +27,12 @@ from lensnas.search.samplers import make_pruner, make_sampler
 from lensnas.search.spec import StudySpec
 from lensnas.search.storage import open_storage
 from lensnas.search.study import FAIL_REASON
+from lensnas.spaces.errors import LensnasError
 
 RUN_ATTR = "ray_run"  # user attribute: the run (one run_ray call) that started the trial
 RAY_TRIAL_ATTR = "ray_trial_id"  # user attribute: the Ray trial that runs it
 SKIPPED = "SKIPPED"  # the state a Ray trial reports when it found nothing left to run
+BAD_INPUT = "BAD_INPUT"  # the state of a Ray trial whose worker found bad input (a data file)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,11 @@ def ray_trial(config: dict[str, Any], job: RayJob) -> None:
             "storage such as PostgreSQL"
         ) from None
     spec = job.spec
-    objective = _prepared_objective(job)
+    try:
+        objective = _prepared_objective(job)
+    except LensnasError as error:  # bad input found on this node: the launch stops, one line
+        tune.report({"state": BAD_INPUT, "number": -1, "fail_reason": str(error)})
+        return
     study = optuna.load_study(
         study_name=spec.name,
         storage=shared_storage(job.storage_url),

@@ -172,3 +172,19 @@ def test_bad_ray_options_are_one_line_errors(tmp_path, ray_session, capsys):
     err = capsys.readouterr().err
     assert "a trial needs 4 CPUs, this machine's Ray has 2 CPUs" in err
     assert not load(f"sqlite:///{tmp_path}/lensnas.db", "bad").trials
+
+
+def test_bad_input_found_by_a_worker_stops_the_run_with_its_one_line():
+    """A worker that meets bad input (a LensnasError while preparing) reports it; the driver
+    starts no more trials, stops the running ones and raises it for the CLI's exit 2."""
+    from lensnas.search.ray_tune import Feeder, Monitor, RayRun, StopAll
+    from lensnas.search.ray_worker import BAD_INPUT
+
+    run = RayRun(max_failures=3)
+    monitor = Monitor(run, job=None, progress=None)
+    feeder = Feeder(job=None, run=run, timeout=None)
+    assert not StopAll(run).stop_all()
+    message = "data/HR/image0.npy: has no LR partner data/LR/image0.npy"
+    monitor.on_trial_result(0, [], None, {"state": BAD_INPUT, "number": -1, "fail_reason": message})
+    assert run.bad_input == message and run.states == {}  # no trial counted as failed
+    assert feeder.suggest("t1") == Feeder.FINISHED and StopAll(run).stop_all()
