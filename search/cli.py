@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_argument(export)
     export.add_argument("--top", type=int, default=3, help="how many of the best trials (default: 3)")
     export.add_argument("-o", "--output", default="best", help="folder (default: best/)")
+
+    predict = commands.add_parser(
+        "predict", help="apply an exported network to images (.npy, FITS, folders, .zip)"
+    )
+    predict.add_argument("exported_folder", help="a folder written by lensnas export")
+    predict.add_argument("inputs", nargs="+", help=".npy or FITS files, folders of them, .zip")
+    predict.add_argument(
+        "-o", "--output", required=True,
+        help="a CSV for networks that return numbers; for networks that return images, a file, "
+             "folder or .zip like the input (a folder of them for several inputs)",
+    )
+    predict.add_argument("--hdu", type=int, default=0, help="FITS HDU to read (default: 0)")
+    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
 
 
@@ -190,9 +205,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from lensnas.search.predict import predict
+
+    count = predict(
+        args.exported_folder, args.inputs, args.output, hdu=args.hdu, device=args.device,
+        batch_size=args.batch_size, quiet=args.quiet,
+    )
+    if not args.quiet:
+        print(f"{count} image(s) -> {args.output}")
+    return 0
+
+
 COMMANDS = {
     "launch": _launch, "status": _status, "baseline": _baseline, "dashboard": _dashboard, "report": _report,
-    "export": _export,
+    "export": _export, "predict": _predict,
 }
 
 

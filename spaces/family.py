@@ -66,6 +66,8 @@ class Family:
     input of the right shape and units (export traces and checks on it) and ``describe_io``
     says in words what the network takes and returns (model cards); ``check_input(spec, x)``
     warns about inputs unlike the training data (``lensnas.spaces.check_input``).
+    ``output_columns`` names the numbers the network returns per input, one row each (written
+    as a CSV by ``lensnas predict``); empty for networks that return images.
     """
 
     name: str
@@ -77,6 +79,7 @@ class Family:
     example_input: ExampleInput | None = None
     describe_io: Callable[[dict[str, Any]], str] | None = None
     check_input: Callable[[dict[str, Any], Any], list[str]] | None = None
+    output_columns: tuple[str, ...] = ()
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def check_space(self, dimensions: list[Dimension], prefix: str = "space") -> None:

@@ -341,6 +341,7 @@ SHEAR_CNN = Family(
     example_input=example_stamps,
     describe_io=describe_stamps,
     check_input=check_stamps,
+    output_columns=("g1", "g2"),
     presets={
         "shearnet_cnn": SHEARNET_CNN,
         "research_backed": RESEARCH_BACKED,
