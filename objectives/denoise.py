@@ -46,7 +46,7 @@ from lensnas.objectives.denoise_data import (
     simulate_clean,
 )
 from lensnas.objectives.diagnostics import image_panels_figure
-from lensnas.objectives.options import check_options, require
+from lensnas.objectives.options import check_options, require, require_folder_keys_unset
 from lensnas.objectives.sr import SRObjective
 from lensnas.objectives.sr_data import POPULATION_DEFAULTS, SOURCES, SPLITS
 from lensnas.objectives.sr_metrics import image_metrics, psnr_per_image, sr_loss
@@ -160,11 +160,7 @@ class DenoiseObjective(Objective):
         if source == "folder":
             _check_folder_options(options, prefix)
         else:
-            for key in FOLDER_KEYS:
-                require(options[key] == OPTIONS[key], f"{prefix}.{key}",
-                        f'is only used with source = "folder" (source is {source!r})')
-            require(options["normalize"], f"{prefix}.normalize",
-                    'simulated images are always normalised; false is only for source = "folder"')
+            require_folder_keys_unset(options, OPTIONS, FOLDER_KEYS, prefix)
         return options
 
     # ----- data

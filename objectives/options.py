@@ -52,3 +52,16 @@ def require(condition: bool, key: str, message: str) -> None:
     """Raise SpaceError(key, message) unless ``condition``."""
     if not condition:
         raise SpaceError(key, message)
+
+
+def require_folder_keys_unset(
+    options: dict[str, Any], defaults: dict[str, Any], folder_keys: tuple[str, ...], prefix: str
+) -> None:
+    """For a simulated source: the folder-only keys keep their defaults and images are
+    normalised (SpaceError naming the key otherwise)."""
+    source = options["source"]
+    for key in folder_keys:
+        require(options[key] == defaults[key], f"{prefix}.{key}",
+                f'is only used with source = "folder" (source is {source!r})')
+    require(options["normalize"], f"{prefix}.normalize",
+            'simulated images are always normalised; false is only for source = "folder"')

@@ -18,7 +18,7 @@ import torch
 
 from lensnas.objectives.base import Baseline, Metric, Objective, TrialContext, ValidationScore
 from lensnas.objectives.diagnostics import sr_panels_figure
-from lensnas.objectives.options import check_options, require
+from lensnas.objectives.options import check_options, require, require_folder_keys_unset
 from lensnas.objectives.sr_data import (
     INSTRUMENT_KEYS,
     LOG_UNIFORM_KEYS,
@@ -190,17 +190,7 @@ class SRObjective(Objective):
         if source == "folder":
             _check_folder_options(options, prefix)
         else:
-            for key in FOLDER_ONLY_KEYS:
-                require(
-                    options[key] == OPTIONS[key],
-                    f"{prefix}.{key}",
-                    f'is only used with source = "folder" (source is {source!r})',
-                )
-            require(
-                options["normalize"],
-                f"{prefix}.normalize",
-                'simulated images are always normalised; false is only for source = "folder"',
-            )
+            require_folder_keys_unset(options, OPTIONS, FOLDER_ONLY_KEYS, prefix)
         return options
 
     def dataset_config(self) -> dict[str, Any]:

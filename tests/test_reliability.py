@@ -136,7 +136,7 @@ def test_two_launchers_share_one_sqlite_study(tmp_path):
 def test_killed_ray_driver_leaves_nothing_running(tmp_path):
     from tests.ray_fixtures import write_ray_study
 
-    study_file = write_ray_study(tmp_path, "raykill", n_trials=6, epochs=30)
+    study_file = write_ray_study(tmp_path, "raykill", n_trials=6, epochs=300)  # long trials
     storage = f"sqlite:///{tmp_path}/lensnas.db"
     # The killed drivers aim at more trials than they can finish, so each is still running
     # when its kill comes, however fast trials run on this machine.
@@ -168,7 +168,7 @@ def test_killed_ray_driver_leaves_nothing_running(tmp_path):
         assert all(after[n].state == TrialState.COMPLETE and (after[n].params, after[n].values) == record
                    for n, record in before.items())
     assert kills == 10 and mid_trial >= 4
-    text = study_file.read_text().replace("epochs = 30", "epochs = 1")
+    text = study_file.read_text().replace("epochs = 300", "epochs = 1")
     study_file.write_text(text)  # finish quickly with the local executor
     n_trials = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                    for t in _trials(storage, "raykill")) + 2
