@@ -153,3 +153,67 @@ def test_a_busy_port_is_one_line_without_a_banner(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "Traceback" not in err
     assert f"--port {port}: cannot listen" in err and "Bottle" not in err
+
+
+def test_pruned_trials_do_not_sit_below_completed_ones_in_the_dashboard(tmp_path, monkeypatch):
+    """A study ranked by rmse_ratio (against metacal: values of several), whose pruned trials
+    reported validation RMSEs (far smaller numbers): the dashboard's History plot, drawn by
+    Chromium, spans only the completed trials' values; pruned trials are not shown on the
+    metric's axis."""
+    import re
+
+    import optuna
+
+    from lensnas.search.launch import launch
+    from tests.conftest import write_tiny_shear_study
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (CI must install it: apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    study_file = write_tiny_shear_study(tmp_path, "ratio", n_trials=2, epochs=2, pruner="median")
+    study_file.write_text(study_file.read_text().replace('metrics = ["rmse"]',
+                                                         'metrics = ["rmse_ratio"]'))
+    url = f"sqlite:///{tmp_path / 'ratio.db'}"
+    launch(study_file, url, quiet=True)  # 2 completed trials
+    monkeypatch.setattr("lensnas.search.study.make_pruner",
+                        lambda spec: optuna.pruners.ThresholdPruner(upper=0.0))  # prune all
+    study = launch(study_file, url, quiet=True, n_trials=4)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
+    completed = [t.value for t in study.trials if t.value is not None]
+    pruned_scores = [t.intermediate_values[1] for t in study.trials if t.state.name == "PRUNED"]
+    assert max(pruned_scores) < 0.5 * min(completed)  # they would sit far below, if plotted
+
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lensnas.search.cli", "dashboard", "--storage", url,
+         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            try:
+                _get(f"http://127.0.0.1:{port}/api/studies")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None and time.monotonic() < deadline, "no dashboard"
+                time.sleep(0.3)
+        result = subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=15000", f"http://127.0.0.1:{port}/dashboard/studies/1"],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # plotly draws each figure as two <svg class="main-svg">: the axes' ticks, then the titles
+    svgs = result.stdout.split('<svg class="main-svg"')[1:]
+    history = [i for i, svg in enumerate(svgs)
+               if re.search(r'class="ytitle"[^>]*>rmse_ratio<', svg)]
+    assert history, "no plot with rmse_ratio on its y axis"
+    ticks = [float(t) for t in re.findall(r'<g class="ytick">.*?data-unformatted="([^"]*)"',
+                                          svgs[history[0] - 1])]
+    assert ticks and min(ticks) > max(pruned_scores), (ticks, pruned_scores, completed)
