@@ -45,10 +45,9 @@ from lensnas.objectives.cache import cache_root, cached_arrays, config_hash
 from lensnas.objectives.options import check_options
 from lensnas.spaces.errors import OptionError
 from lensnas.spaces.family import Family
+from lensnas.spaces.loading import ARCHITECTURE_FILE, WEIGHTS_FILE, build_arguments
 
 FIGURE = "diagnostics.png"  # file name of a trial's diagnostic figure in its artifact folder
-WEIGHTS = "weights.pt"
-ARCHITECTURE = "architecture.json"
 DIRECTIONS = ("minimize", "maximize")
 
 
@@ -328,9 +327,7 @@ class Objective:
     def build_model(self, params: dict[str, Any]) -> Any:
         """The trial's network, untrained."""
         spec = self.architecture(params)
-        arguments = {k: v for k, v in spec.items()
-                     if k not in ("family", "version", "config", "input")}
-        return self.family.build(spec["config"], **arguments)
+        return self.family.build(spec["config"], **build_arguments(spec))
 
     # ----- training hooks
 
@@ -399,8 +396,8 @@ class Objective:
 
         folder = Path(ctx.artifact_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(model.cpu().state_dict(), folder / WEIGHTS)
-        (folder / ARCHITECTURE).write_text(json.dumps(self.architecture(params), indent=1))
+        torch.save(model.cpu().state_dict(), folder / WEIGHTS_FILE)
+        (folder / ARCHITECTURE_FILE).write_text(json.dumps(self.architecture(params), indent=1))
 
     # ----- what the engine stores and shows
 

@@ -48,7 +48,7 @@ from lensnas.objectives.denoise_data import (
 from lensnas.objectives.diagnostics import image_panels_figure
 from lensnas.objectives.options import check_options, require, require_folder_keys_unset
 from lensnas.objectives.sr import SRObjective
-from lensnas.objectives.sr_data import POPULATION_DEFAULTS, SOURCES, SPLITS
+from lensnas.objectives.sr_data import POPULATION_DEFAULTS, SOURCES, SPLITS, folder_config
 from lensnas.objectives.sr_metrics import image_metrics, psnr_per_image, sr_loss
 from lensnas.objectives.training import predict
 from lensnas.spaces.denoise_net import DENOISE_NET, MAX_NOISE_LEVEL, NOISE_TYPES
@@ -169,16 +169,7 @@ class DenoiseObjective(Objective):
         """What the clean images are made of (source, simulation or files, counts, seed)."""
         options = self.options
         if options["source"] == "folder":
-            folder = Path(options["folder"]).resolve()
-            return {
-                "source": "folder",
-                "folder": str(folder),
-                "files": folder_fingerprint(folder),
-                "validation_fraction": options["validation_fraction"],
-                "test_fraction": options["test_fraction"],
-                "normalize": options["normalize"],
-                "data_seed": self.data_seed,
-            }
+            return folder_config(options, self.data_seed, folder_fingerprint)
         return {
             "source": options["source"],
             "simulation": clean_simulation_config(options),

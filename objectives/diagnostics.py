@@ -13,7 +13,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-FIGURE = "diagnostics.png"  # file name of the figure in a trial's artifact folder
 MAX_POINTS = 2000
 
 
@@ -64,24 +63,9 @@ def sr_panels_figure(
     path: str | Path, lr: np.ndarray, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray
 ) -> Path:
     """One test image as four panels: LR input, bicubic upsampling, network SR, HR truth."""
-    panels = {"LR": lr, "bicubic": bicubic, "SR (network)": sr, "HR (truth)": hr}
-    images = {name: np.squeeze(np.asarray(image, float)) for name, image in panels.items()}
-    for name, image in images.items():
-        if image.ndim != 2:
-            raise ValueError(
-                f"sr_panels_figure: {name} must be one 2-D image, got shape {image.shape}"
-            )
-    low = min(float(image.min()) for image in images.values())
-    high = max(float(image.max()) for image in images.values())
-    figure = Figure(figsize=(12, 3.4), layout="constrained")
-    axes = figure.subplots(1, 4)
-    for ax, (name, image) in zip(axes, images.items()):
-        shown = ax.imshow(image, origin="lower", cmap="magma", vmin=low, vmax=high)
-        ax.set_title(f"{name} {image.shape[0]}x{image.shape[1]}")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    figure.colorbar(shown, ax=axes, shrink=0.8)
-    return _save(figure, path)
+    return image_panels_figure(
+        path, {"LR": lr, "bicubic": bicubic, "SR (network)": sr, "HR (truth)": hr}
+    )
 
 
 def image_panels_figure(path: str | Path, panels: dict[str, np.ndarray]) -> Path:

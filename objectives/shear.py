@@ -350,20 +350,22 @@ class ShearObjective(Objective):
         the reference estimator measured on the same galaxies."""
         batch = max(config["batch_size"], 256)
 
-        def measure(test: dict[str, np.ndarray], references: list[Baseline]) -> dict[str, float]:
-            estimates = [predict(model, self.stamp_inputs(test[name]), batch, ctx.device)
-                         for name in ("images", "images_minus")]
-            metrics = shear_metrics(estimates[0], test["labels"], estimates[1])
-            return {**metrics, **_relative_metrics(metrics, references)}
+        def measure(
+            test: dict[str, np.ndarray], references: list[Baseline]
+        ) -> tuple[dict[str, float], np.ndarray]:
+            """Metrics on a paired test set, and the estimates at +g."""
+            plus, minus = (predict(model, self.stamp_inputs(test[name]), batch, ctx.device)
+                           for name in ("images", "images_minus"))
+            metrics = shear_metrics(plus, test["labels"], minus)
+            return {**metrics, **_relative_metrics(metrics, references)}, plus
 
         own = [b for b in self.baselines if not b.conditions]
         test = {name: self.data[f"test.{name}"] for name in ("images", "images_minus", "labels")}
-        metrics: dict[str, Any] = measure(test, own)
-        self._test_estimate = predict(model, self.inputs("test"), batch, ctx.device)
+        metrics, self._test_estimate = measure(test, own)
         if self.noise_tests:
             metrics[NOISE_LEVELS] = {
                 f"{level:g}": measure(noisy, [b for b in self.baselines
-                                             if b.conditions.get("noise_sigma") == level])
+                                             if b.conditions.get("noise_sigma") == level])[0]
                 for level, noisy in self.noise_tests.items()
             }
         return metrics

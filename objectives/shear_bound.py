@@ -82,10 +82,7 @@ def model_image(
 ) -> np.ndarray:
     """The noiseless stamp (float64) as :func:`shear_data.render` draws it, with the galaxy
     moved by ``centroid`` (x, y in arcsec) from the stamp centre."""
-    galaxy = simulation.galaxy(float(half_light_radius), float(flux))
-    if intrinsic_g[0] or intrinsic_g[1]:
-        galaxy = galaxy.shear(g1=float(intrinsic_g[0]), g2=float(intrinsic_g[1]))
-    galaxy = galaxy.shear(g1=float(shear[0]), g2=float(shear[1]))
+    galaxy = simulation.sheared_galaxy(half_light_radius, flux, intrinsic_g, shear)
     if centroid[0] or centroid[1]:
         galaxy = galaxy.shift(float(centroid[0]), float(centroid[1]))
     size = simulation.stamp_size

@@ -16,7 +16,6 @@ noise (``images_minus``) for the noise-cancelling paired bias protocol.
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +23,8 @@ from typing import Any
 
 import galsim
 import numpy as np
+
+from lensnas.objectives.reference import cpu_count
 
 PROFILES = ("exponential", "gaussian", "sersic", "bulge_disk")
 PSF_PROFILES = ("gaussian", "moffat")
@@ -80,6 +81,15 @@ class GalaxySimulation:
             return mix.withFlux(flux)
         return galsim.Exponential(half_light_radius=half_light_radius, flux=flux)
 
+    def sheared_galaxy(
+        self, half_light_radius: float, flux: float, intrinsic_g: Any, shear: Any
+    ) -> galsim.GSObject:
+        """A galaxy with its intrinsic shape (g1, g2), then the applied shear (g1, g2)."""
+        galaxy = self.galaxy(float(half_light_radius), float(flux))
+        if intrinsic_g[0] or intrinsic_g[1]:
+            galaxy = galaxy.shear(g1=float(intrinsic_g[0]), g2=float(intrinsic_g[1]))
+        return galaxy.shear(g1=float(shear[0]), g2=float(shear[1]))
+
 
 def metacal_benchmark_simulation(noise_sigma: float = 1e-5, stamp_size: int = 53) -> GalaxySimulation:
     """The galaxies the reference numbers were measured on (NGMix 2.4.2): round exponential,
@@ -132,7 +142,7 @@ def render(
     chunks; the result does not depend on the number of workers."""
     count = len(population["flux"])
     starts = list(range(0, count, RENDER_CHUNK))
-    workers = min(workers or _cores(), len(starts))
+    workers = min(workers or cpu_count(), len(starts))
     if workers <= 1:
         return _render_chunk(simulation, population, noise, shear_sign, on_progress)
     images = np.empty((count, simulation.stamp_size, simulation.stamp_size), dtype=np.float32)
@@ -152,13 +162,6 @@ def render(
     return images
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def _render_chunk(
     simulation: GalaxySimulation,
     population: dict[str, np.ndarray],
@@ -171,12 +174,10 @@ def _render_chunk(
     size, scale = simulation.stamp_size, simulation.pixel_scale
     images = np.empty((len(population["flux"]), size, size), dtype=np.float32)
     for i in range(len(images)):
-        galaxy = simulation.galaxy(float(population["half_light_radius"][i]), float(population["flux"][i]))
-        intrinsic = population["intrinsic_g"][i]
-        if intrinsic[0] or intrinsic[1]:
-            galaxy = galaxy.shear(g1=float(intrinsic[0]), g2=float(intrinsic[1]))
-        g1, g2 = shear_sign * population["shear"][i]
-        galaxy = galaxy.shear(g1=float(g1), g2=float(g2))
+        galaxy = simulation.sheared_galaxy(
+            population["half_light_radius"][i], population["flux"][i],
+            population["intrinsic_g"][i], shear_sign * population["shear"][i],
+        )
         drawn = galsim.Convolve(galaxy, psf).drawImage(nx=size, ny=size, scale=scale)
         images[i] = drawn.array + noise[i]
         if on_progress is not None:

@@ -26,9 +26,9 @@ from lensnas.objectives.sr_data import (
     RANGE_KEYS,
     SOURCES,
     SPLITS,
+    folder_config,
     folder_dataset,
     folder_files,
-    folder_fingerprint,
     simulate_dataset,
     simulation_config,
 )
@@ -197,18 +197,8 @@ class SRObjective(Objective):
         """What the dataset cache key is made of."""
         options = self.options
         if options["source"] == "folder":
-            folder = Path(options["folder"]).resolve()
-            return {
-                "version": DATASET_VERSION,
-                "source": "folder",
-                "folder": str(folder),
-                "files": folder_fingerprint(folder),
-                "scale": self.scale,
-                "validation_fraction": options["validation_fraction"],
-                "test_fraction": options["test_fraction"],
-                "normalize": options["normalize"],
-                "data_seed": self.data_seed,
-            }
+            return {"version": DATASET_VERSION, **folder_config(options, self.data_seed),
+                    "scale": self.scale}
         return {
             "version": DATASET_VERSION,
             "source": options["source"],

@@ -347,6 +347,25 @@ def folder_files(folder: Path) -> tuple[Path, Path, list[str]]:
     return lr_dir, hr_dir, names
 
 
+def folder_config(
+    options: dict[str, Any], data_seed: int,
+    fingerprint: Callable[[Path], list[list[Any]]] | None = None,
+) -> dict[str, Any]:
+    """What a dataset read from ``options["folder"]`` is made of (its files' ``fingerprint``,
+    default this module's LR/HR one; the split fractions, normalisation, seed): part of its
+    cache key."""
+    folder = Path(options["folder"]).resolve()
+    return {
+        "source": "folder",
+        "folder": str(folder),
+        "files": (fingerprint or folder_fingerprint)(folder),
+        "validation_fraction": options["validation_fraction"],
+        "test_fraction": options["test_fraction"],
+        "normalize": options["normalize"],
+        "data_seed": data_seed,
+    }
+
+
 def folder_fingerprint(folder: Path) -> list[list[Any]]:
     """[name, size, mtime_ns] of every .npy under LR/ and HR/: part of the cache key."""
     lr_dir, hr_dir, _ = folder_files(folder)

@@ -17,8 +17,6 @@ from optuna.trial import FrozenTrial
 from lensnas.search.storage import artifact_root
 
 ARTIFACTS_ATTR = "artifacts"
-WEIGHTS = "weights.pt"
-ARCHITECTURE = "architecture.json"
 # Suffixes that mimetypes guesses wrongly (.pt, .ts) or not at all.
 MIME_TYPES = {
     ".pt": "application/octet-stream",

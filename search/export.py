@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial
 from torch import nn
 
 from lensnas import spaces
-from lensnas.search.artifacts import ARCHITECTURE, WEIGHTS, artifact_store, download_trial_artifacts
+from lensnas.search.artifacts import artifact_store, download_trial_artifacts
 from lensnas.search.comparison import comparison_tables, study_baselines, study_objective_class
 from lensnas.search.report import lensnas_version, metric_rows
 from lensnas.search.spec import SpecError, StudySpec
@@ -29,6 +29,8 @@ from lensnas.search.storage import redact
 from lensnas.search.summary import best_trials, format_value, markdown_table, summary_columns
 from lensnas.spaces.errors import OptionError
 from lensnas.spaces.family import Axes
+from lensnas.spaces.loading import ARCHITECTURE_FILE as ARCHITECTURE
+from lensnas.spaces.loading import WEIGHTS_FILE as WEIGHTS
 from lensnas.spaces.loading import ArchitectureError, read_architecture
 
 TORCHSCRIPT = "model.ts"

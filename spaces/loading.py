@@ -60,6 +60,11 @@ def read_architecture(path: str | Path) -> dict[str, Any]:
     return spec
 
 
+def build_arguments(spec: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of the family's ``build`` stored in an architecture spec."""
+    return {key: value for key, value in spec.items() if key not in (*HEADER_KEYS, INPUT_KEY)}
+
+
 def build(spec: dict[str, Any], source: str | Path = "architecture") -> nn.Module:
     """The untrained network of an architecture spec (``source`` names it in errors)."""
     from lensnas.spaces import family as registered_family
@@ -74,9 +79,8 @@ def build(spec: dict[str, Any], source: str | Path = "architecture") -> nn.Modul
         raise ArchitectureError(
             f"{source}: config.{missing[0]}: missing (required by {family.name})"
         )
-    arguments = {key: value for key, value in spec.items() if key not in (*HEADER_KEYS, INPUT_KEY)}
     try:
-        return family.build(config, **arguments)
+        return family.build(config, **build_arguments(spec))
     except TypeError as error:
         raise ArchitectureError(
             f"{source}: {family.name} cannot be built from it ({error})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,9 +12,13 @@ REPOSITORY = Path(__file__).parents[1]
 
 
 def test_the_wheel_holds_only_the_lensnas_namespace(tmp_path):
+    # built from a copy: setuptools writes its build/ folder next to the sources
+    source = tmp_path / "source"
+    shutil.copytree(REPOSITORY, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", ".*cache*", "lensnas-artifacts", "*.db"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPOSITORY)],
+         "-w", str(tmp_path), str(source)],
         check=True, capture_output=True, timeout=300,
     )
     (wheel,) = tmp_path.glob("lensnas-*.whl")
