@@ -29,6 +29,11 @@ def read_architecture(path: str | Path) -> dict[str, Any]:
     from lensnas.spaces import family, family_names
 
     path = Path(path)
+    if not path.exists():
+        raise ArchitectureError(
+            f"{path}: no such exported folder (one written by lensnas export, holding "
+            f"{ARCHITECTURE_FILE} and {WEIGHTS_FILE})"
+        )
     if path.is_dir():
         path = path / ARCHITECTURE_FILE
     try:

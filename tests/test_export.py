@@ -219,6 +219,8 @@ def test_load_rejects_unknown_family_and_newer_version(shear_export, tmp_path):
     assert issubclass(ArchitectureError, ValueError)
     with pytest.raises(ArchitectureError, match="no such architecture file"):
         spaces.load(tmp_path)
+    with pytest.raises(ArchitectureError, match="nope: no such exported folder"):
+        spaces.load(tmp_path / "nope")
 
 
 def test_cli_export_of_an_unknown_study_is_one_line(shear, tmp_path, capsys):
