@@ -77,9 +77,14 @@ class Source:
 def predict(
     exported: str | Path, inputs: Sequence[str | Path], output: str | Path, hdu: int = 0,
     device: str = "auto", batch_size: int = 64, quiet: bool = False,
-    warn: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None, names: Sequence[str] | None = None,
+    on_output: Callable[[ImageFile, np.ndarray], None] | None = None,
 ) -> int:
-    """Apply the network exported in ``exported`` to ``inputs``, write ``output``; image count."""
+    """Apply the network exported in ``exported`` to ``inputs``, write ``output``; image count.
+
+    ``names`` name the inputs in messages and in the CSV (default: their paths);
+    ``on_output(file, outputs)`` sees each file's outputs before they are written.
+    """
     if batch_size < 1:
         raise OptionError(f"--batch-size: must be at least 1, got {batch_size}")
     if hdu < 0:
@@ -91,7 +96,10 @@ def predict(
     spec = read_architecture(exported)
     columns = family(spec["family"]).output_columns
     device = resolve_device(device, "--device")
-    sources = [read_source(Path(path), spec, hdu) for path in inputs]
+    names = names or [str(path) for path in inputs]
+    if len(names) != len(inputs):
+        raise ValueError(f"{len(names)} names for {len(inputs)} inputs")
+    sources = [read_source(Path(path), spec, hdu, name) for path, name in zip(inputs, names)]
     output = Path(output)
     targets = [] if columns else image_targets(sources, output)
     files = [file for source in sources for file in source.files]
@@ -103,6 +111,8 @@ def predict(
     model = load(exported, map_location=device).to(device)
     images = [file.images for file in files]
     with closing(apply(model, images, batch_size, device, quiet)) as results:
+        if on_output is not None:
+            results = watched(results, files, on_output)
         if columns:
             output.parent.mkdir(parents=True, exist_ok=True)
             write_table(output, files, results, columns)
@@ -110,6 +120,16 @@ def predict(
             for source, target in zip(sources, targets, strict=True):
                 write_images(source, results, target)
     return sum(len(file.images) for file in files)
+
+
+def watched(
+    results: Iterator[np.ndarray], files: Sequence[ImageFile],
+    on_output: Callable[[ImageFile, np.ndarray], None],
+) -> Iterator[np.ndarray]:
+    """``results`` (the outputs of ``files``, in turn) unchanged, shown to ``on_output`` first."""
+    for file, outputs in zip(files, results, strict=False):
+        on_output(file, outputs)
+        yield outputs
 
 
 def print_warning(line: str) -> None:
@@ -120,21 +140,23 @@ def print_warning(line: str) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_source(path: Path, spec: dict[str, Any], hdu: int = 0) -> Source:
-    """Read one of the INPUTS (a file, a folder or a .zip) and check its images against ``spec``."""
+def read_source(path: Path, spec: dict[str, Any], hdu: int = 0, name: str | None = None) -> Source:
+    """Read one of the INPUTS (a file, a folder or a .zip) and check its images against ``spec``;
+    ``name`` names it in messages and tables (default: its path)."""
+    name = str(path) if name is None else name
     if path.is_dir():
-        files = read_folder(path, spec, hdu, lambda relative: str(path / relative))
+        files = read_folder(path, spec, hdu, lambda relative: str(Path(name) / relative))
         return Source(path, "folder", files)
     if not path.exists():
-        raise DataError(str(path), "no such file or folder")
+        raise DataError(name, "no such file or folder")
     if path.suffix.lower() == ".zip":
         with tempfile.TemporaryDirectory(prefix="lensnas-predict-") as folder:
-            extract(path, Path(folder))
-            files = read_folder(Path(folder), spec, hdu, lambda relative: f"{path}:{relative}")
+            extract(path, Path(folder), name)
+            files = read_folder(Path(folder), spec, hdu, lambda relative: f"{name}:{relative}")
             return Source(path, "zip", files)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise DataError(str(path), f"not an input lensnas reads; {READABLE}")
-    return Source(path, "file", [read_file(path, str(path), path.name, spec, hdu)])
+        raise DataError(name, f"not an input lensnas reads; {READABLE}")
+    return Source(path, "file", [read_file(path, name, path.name, spec, hdu)])
 
 
 def read_folder(
@@ -237,18 +259,38 @@ def as_images(array: np.ndarray, name: str, channels: int) -> tuple[np.ndarray, 
     return np.ascontiguousarray(images, dtype=np.float32), layout
 
 
-def extract(archive_path: Path, folder: Path) -> None:
-    """Unpack a .zip into ``folder``, refusing links, paths that leave it and oversized contents."""
-    root = folder.resolve()
+def check_archive(archive_path: Path, name: str, max_bytes: int, max_members: int) -> None:
+    """Refuse a .zip of more than ``max_members`` members or ``max_bytes`` unpacked bytes, as its
+    directory declares them (``extract`` refuses a member larger than declared)."""
     try:
         with zipfile.ZipFile(archive_path) as archive:
             members = archive.infolist()
-            if len(members) > MAX_ARCHIVE_MEMBERS:
-                raise DataError(str(archive_path), f"holds {len(members)} members; at most "
-                                                   f"{MAX_ARCHIVE_MEMBERS} are read")
-            unpacked = 0
-            for info in members:
-                where = f"{archive_path}:{info.filename}"
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        raise DataError(name, f"not a readable .zip archive ({error})") from None
+    if len(members) > max_members:
+        raise DataError(name, f"holds {len(members)} members; at most {max_members} are read")
+    if sum(info.file_size for info in members if not info.is_dir()) > max_bytes:
+        raise DataError(name, f"unpacks to more than {byte_size(max_bytes)}; refused")
+
+
+def byte_size(count: int) -> str:
+    """A byte count in words: GiB, MiB or bytes."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2)):
+        if count >= size:
+            return f"{count / size:.4g} {unit}"
+    return f"{count} bytes"
+
+
+def extract(archive_path: Path, folder: Path, name: str | None = None) -> None:
+    """Unpack a .zip into ``folder``, refusing links, paths that leave it and oversized contents
+    (``name`` names the archive in messages; default: its path)."""
+    name = str(archive_path) if name is None else name
+    check_archive(archive_path, name, MAX_ARCHIVE_BYTES, MAX_ARCHIVE_MEMBERS)
+    root = folder.resolve()
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            for info in archive.infolist():
+                where = f"{name}:{info.filename}"
                 target = (root / info.filename).resolve()
                 posix = PurePosixPath(info.filename.replace("\\", "/"))
                 drive = PureWindowsPath(info.filename).drive
@@ -259,15 +301,11 @@ def extract(archive_path: Path, folder: Path) -> None:
                     raise DataError(where, "a symbolic link; refused")
                 if info.is_dir():
                     continue
-                unpacked += info.file_size
-                if unpacked > MAX_ARCHIVE_BYTES:
-                    limit = f"{MAX_ARCHIVE_BYTES / 1024**3:g} GiB"
-                    raise DataError(str(archive_path), f"unpacks to more than {limit}; refused")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(info) as member, open(target, "wb") as copy:
                     copy_at_most(member, copy, info.file_size, where)
     except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as error:
-        raise DataError(str(archive_path), f"not a readable .zip archive ({error})") from None
+        raise DataError(name, f"not a readable .zip archive ({error})") from None
 
 
 def copy_at_most(source: BinaryIO, target: BinaryIO, size: int, name: str) -> None:
