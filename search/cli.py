@@ -100,6 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    serve = commands.add_parser(
+        "serve", help="local web page: choose an exported network, drop files, get results"
+    )
+    serve.add_argument(
+        "--storage", default=None,
+        help="SQLAlchemy URL of a study storage: its studies' best trials can be exported from "
+             "the page into --export-dir (default: none)",
+    )
+    serve.add_argument("--export-dir", default="best",
+                       help="folder of exported networks (default: best/)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free)")
+    serve.add_argument("--max-upload-mb", type=float, default=200.0,
+                       help="largest upload in MiB (default: 200); a .zip may unpack to 4 times it")
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    serve.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     return parser
 
 
@@ -217,9 +234,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from lensnas.search.serve import serve
+
+    serve(args.export_dir, args.storage, host=args.host, port=args.port,
+          max_upload_mb=args.max_upload_mb, device=args.device, batch_size=args.batch_size)
+    return 0
+
+
 COMMANDS = {
     "launch": _launch, "status": _status, "baseline": _baseline, "dashboard": _dashboard, "report": _report,
-    "export": _export, "predict": _predict,
+    "export": _export, "predict": _predict, "serve": _serve,
 }
 
 
