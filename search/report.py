@@ -2,8 +2,10 @@
 
 Sections (each a ``<section id=...>``): summary, top-trials, optimization-history,
 param-importances, parallel-coordinates, intermediate-values, pareto-front (several
-metrics), reference-comparison (stored ``ref_*`` attributes) and diagnostics (the best
-trial's figure from the artifact store). Everything is read from the Optuna storage and
+metrics), reference-comparison (stored ``ref_*`` attributes), the objective's own sections,
+uncertainty (the calibration of exported ensembles) and inspector (layers and linear probes of
+inspected trials), when stored, and diagnostics (the best trial's figure from the artifact
+store). Everything is read from the Optuna storage and
 the artifact store.
 """
 
@@ -315,6 +317,16 @@ def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
         record = None if best is None else TrialRecord(best.number, best.params, best.user_attrs)
         for part in objective.report_sections(dict(attrs), record):
             sections.append(_section(part.section_id, part.title, part.html))
+    from lensnas.search import inspector, uncertainty
+
+    for section_id, title, render in (
+        ("uncertainty", "Uncertainty calibration (exported ensembles)", uncertainty.report_section),
+        ("inspector", "Layers, and where the information on the outputs is lost",
+         inspector.report_section),
+    ):
+        body = render(dict(attrs))
+        if body is not None:
+            sections.append(_section(section_id, title, body))
     sections.append(
         _section(
             "diagnostics",

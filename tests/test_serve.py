@@ -184,6 +184,9 @@ def test_an_upload_gives_what_lensnas_predict_writes(
     assert status == 200, body[:500]
     assert headers["Content-Type"] == "application/zip"
     assert list(server.temp_root.iterdir()) == []  # removed before the answer was sent
+    images_done = 6 if case == "shear zip" else 6 + 2 * (case == "sr two files")
+    assert re.search(rf"lensnas serve: {family}: {len(files)} file\(s\) -> {images_done} "
+                     r"image\(s\) in [\d.]+ s", server.output.read_text())  # the console line
     returned = read_zip(body)
 
     if family == "shear":
