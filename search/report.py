@@ -35,6 +35,12 @@ from lensnas.search.summary import best_trials, summary_columns, trial_header, t
 
 TOP_TRIALS = 10
 IMPORTANCE_MIN_TRIALS = 10  # below this many completed trials importances get a caveat
+IMPORTANCE_METHOD = (
+    "Importances by Optuna's PED-ANOVA (PedAnovaImportanceEvaluator): how differently each "
+    "parameter is distributed among the best 10% of completed trials than among all of them. "
+    "A conditional parameter is judged on the trials that have it; each metric of a "
+    "multi-objective study is ranked on its own."
+)
 NOT_METRICS = ("seed", "epochs_run")
 
 
@@ -132,6 +138,16 @@ def _plot_per_target(
     return "\n".join(parts)
 
 
+def lower_is_better(
+    study: optuna.Study, index: int, target: Callable[[FrozenTrial], float] | None
+) -> Callable[[FrozenTrial], float] | None:
+    """``target`` of objective ``index`` as PED-ANOVA ranks a given target (lower is better):
+    negated for a maximised objective."""
+    if target is None or study.directions[index] != optuna.study.StudyDirection.MAXIMIZE:
+        return target
+    return lambda trial: -target(trial)
+
+
 def _importance_section(study: optuna.Study, complete: list[FrozenTrial]) -> str:
     varied = {
         name
@@ -143,11 +159,12 @@ def _importance_section(study: optuna.Study, complete: list[FrozenTrial]) -> str
             f"Parameter importances need at least 2 completed trials whose parameters differ "
             f"({len(complete)} completed so far)."
         )
-    parts = []
+    parts = [note(IMPORTANCE_METHOD)]
     for i, (target, name) in enumerate(_targets(study)):
         try:
             figure, messages = _quiet_plot(
-                optuna.visualization.plot_param_importances, study, target=target, target_name=name,
+                optuna.visualization.plot_param_importances, study,
+                target=lower_is_better(study, i, target), target_name=name,
                 evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
             )
         except (ValueError, RuntimeError) as error:

@@ -199,3 +199,31 @@ def test_bias_figure_draws_each_estimator_in_one_colour():
     assert all(len(c) == 1 for c in colours.values()) and len(colours) == 2
     assert colours["network"] != colours["metacal"]
     assert sum(trace.showlegend for trace in figure.data) == 2  # one legend entry each
+
+
+def test_importances_of_a_maximised_metric_follow_its_best_trials(tmp_path, report):
+    """PED-ANOVA ranks a given target lower-is-better; for a maximised metric of a
+    multi-objective study the report negates it, so the importances are those of its best
+    trials (driven by x here) and not of its worst (driven by y)."""
+    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+
+    from lensnas.search.report import lower_is_better
+
+    storage = f"sqlite:///{tmp_path / 'max.db'}"
+    study = optuna.create_study(
+        study_name="max", storage=storage, directions=["maximize", "minimize"],
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        x, y = trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)
+        return (x if y >= 0.2 else -10.0), y
+
+    study.optimize(objective, n_trials=150)
+    target = lower_is_better(study, 0, lambda t: t.values[0])
+    importances = get_param_importances(
+        study, evaluator=PedAnovaImportanceEvaluator(), target=target, normalize=False
+    )
+    assert importances["x"] > 5 * importances["y"]
+    assert lower_is_better(study, 1, target) is target  # a minimised metric is left as it is
+    assert "PedAnovaImportanceEvaluator" in report  # the report says which evaluator
