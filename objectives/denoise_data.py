@@ -56,6 +56,7 @@ def clean_simulation_config(options: dict[str, Any]) -> dict[str, Any]:
     """The SR simulation settings whose noiseless HR images bin to the clean LR images."""
     config = simulation_config({**options, "scale": SIMULATION_SCALE, "hr_psf_fwhm": 0.0})
     config["hr_psf_fwhm"] = config["psf_fwhm"]  # HR blurred by the LR PSF: LR before binning
+    config["hr_exposure_time"] = [0.0, 0.0]  # and noiseless
     return config
 
 

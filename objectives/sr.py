@@ -3,11 +3,16 @@
 A trial trains the network sampled from ``lensnas.spaces.sr_net`` on LR/HR pairs (simulated with
 lenstronomy or loaded from a folder, see ``lensnas.objectives.sr_data``) and scores it on the test set
 with MSE, PSNR and SSIM (``lensnas.objectives.sr_metrics``), each also as a gain over the bicubic
-upsampling, which is computed once per dataset and cached with it.
+upsampling, and with physics-aware scores: the relative total-flux error against HR and the
+consistency of the SR image, degraded by the study's PSF and binning operator, with the LR input.
+The bicubic and bilinear interpolations are baseline rows of every study, computed once per
+dataset and cached with it. ``consistency_weight`` (``[training]`` or ``[space]``) adds the
+operator's consistency term to the training loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -20,32 +25,42 @@ from lensnas.objectives.base import Baseline, Metric, Objective, TrialContext, V
 from lensnas.objectives.diagnostics import sr_panels_figure
 from lensnas.objectives.options import check_options, require, require_folder_keys_unset
 from lensnas.objectives.sr_data import (
+    EXPOSURE_KEYS,
     INSTRUMENT_KEYS,
     LOG_UNIFORM_KEYS,
     POPULATION_DEFAULTS,
     RANGE_KEYS,
     SOURCES,
     SPLITS,
+    clip_to_unit_range,
     folder_config,
     folder_dataset,
-    folder_files,
+    folder_pairs,
+    instrument_preset,
+    operator_psf_fwhm_pixels,
     simulate_dataset,
     simulation_config,
 )
 from lensnas.objectives.sr_metrics import (
+    INTERPOLATIONS,
+    Degradation,
     bicubic_upsample,
     image_metrics,
+    physics_metrics,
     psnr_per_image,
     sr_loss,
+    upsample,
 )
 from lensnas.objectives.training import predict
 from lensnas.spaces.dimensions import SpaceError
 from lensnas.spaces.errors import DataError
+from lensnas.spaces.family import Range
 from lensnas.spaces.sr_net import SR_NET
 
 logger = logging.getLogger("lensnas.sr")
 
-DATASET_VERSION = 1
+DATASET_VERSION = 2
+MAX_CONSISTENCY_WEIGHT = 1000.0
 
 # Allowed values of the physical ranges: (lowest, highest, whether the lowest is excluded).
 RANGE_BOUNDS: dict[str, tuple[float, float, bool]] = {
@@ -63,7 +78,6 @@ NON_NEGATIVE_KEYS = (
     "subhalo_mean_count",
     "subhalo_position_radius",
     "source_center_radius",
-    "hr_psf_fwhm",
 )
 # Options that only a simulated source uses (an error for source = "folder").
 SIMULATION_ONLY_KEYS = (
@@ -71,16 +85,15 @@ SIMULATION_ONLY_KEYS = (
     "n_validation",
     "n_test",
     *INSTRUMENT_KEYS,
-    "hr_psf_fwhm",
     "supersampling",
     *POPULATION_DEFAULTS,
 )
-FOLDER_ONLY_KEYS = ("folder", "validation_fraction", "test_fraction")
+FOLDER_ONLY_KEYS = ("folder", "validation_fraction", "test_fraction", "consistency_psf_fwhm")
 
 
 OPTIONS: dict[str, Any] = {
     # where the pairs come from: "simulate" (DeepLense Model 1, 75 -> 150), "euclid" or
-    # "hst" (lenstronomy instrument presets, 64 -> 128), or "folder" (LR/ and HR/ .npy files)
+    # "hst" (lenstronomy instrument presets, 64 -> 128), or "folder" (.npy or FITS pairs)
     "source": "simulate",
     "n_train": 1000,
     "n_validation": 200,
@@ -91,14 +104,18 @@ OPTIONS: dict[str, Any] = {
     "lr_size": None,  # LR pixels per side
     "lr_pixel_scale": None,  # arcsec per LR pixel (HR: lr_pixel_scale / scale)
     "psf_fwhm": None,  # arcsec, Gaussian PSF of the LR image
-    "exposure_time": None,  # seconds (Poisson noise)
+    "hr_psf_fwhm": None,  # arcsec, Gaussian PSF of the HR image (0 = none), <= psf_fwhm
+    "exposure_time": None,  # seconds (Poisson noise); [low, high]: log-uniform per image
+    "hr_exposure_time": None,  # seconds, the HR target's (0 = noiseless); as exposure_time
     "background_rms": None,  # counts/s per LR pixel (Gaussian background noise)
     "magnitude_zero_point": None,  # magnitude of 1 count/s
-    "hr_psf_fwhm": 0.0,  # arcsec, Gaussian PSF of the HR image (0 = none)
     "supersampling": 1,  # ray-shooting points per HR pixel side
-    **POPULATION_DEFAULTS,
+    **POPULATION_DEFAULTS,  # lens and source population (default: the source's)
     # folder source
-    "folder": "",  # holds LR/ and HR/; relative paths are from the working directory
+    "folder": "",  # LR/ and HR/, or train_LR/train_HR stacks; relative to the working directory
+    # FWHM (HR pixels) of the Gaussian PSF the LR images have beyond the HR ones, for the
+    # degradation operator (HR -> LR) of the consistency score and loss; 0 = binning only
+    "consistency_psf_fwhm": 0.0,
     "validation_fraction": 0.1,  # carved from train when there is no LR/validation.npy
     "test_fraction": 0.1,  # carved from train when there is no LR/test.npy
     "normalize": True,  # min-max each image to [0, 1]; false only for folders already in [0, 1]
@@ -106,11 +123,20 @@ OPTIONS: dict[str, Any] = {
 }
 
 
+# SR_NET with the objective's own training key: the weight of the consistency loss term (the
+# objective's loss, not the network's; the registered family rebuilds exports unchanged).
+SR_FAMILY = dataclasses.replace(
+    SR_NET,
+    rules={**SR_NET.rules, "consistency_weight": Range(0.0, MAX_CONSISTENCY_WEIGHT)},
+    defaults={**SR_NET.defaults, "consistency_weight": 0.0},
+)
+
+
 class SRObjective(Objective):
     """Train an SR network on lensing image pairs; score PSNR/SSIM and their gain over bicubic."""
 
     name = "sr"
-    family = SR_NET
+    family = SR_FAMILY
     OPTIONS: ClassVar[dict[str, Any]] = OPTIONS
     METRICS: ClassVar[dict[str, Metric]] = {
         "psnr": Metric("maximize", "PSNR of the SR image against HR (dB, data range 1)", summary=True),
@@ -118,6 +144,13 @@ class SRObjective(Objective):
         "psnr_gain": Metric("maximize", "PSNR minus the bicubic upsampling's PSNR (dB)", summary=True),
         "ssim_gain": Metric("maximize", "SSIM minus the bicubic upsampling's SSIM", summary=True),
         "mse": Metric("minimize", "mean squared error against HR"),
+        "flux_error": Metric("minimize", "|total flux of SR - HR's| / HR's, per image, averaged"),
+        "consistency_rms": Metric(
+            "minimize", "RMS of the LR input minus the SR image degraded by the study's PSF and "
+            "binning (best gain and offset), in LR [0, 1] units"),
+        "consistency_chi": Metric(
+            "minimize", "consistency_rms in units of the LR image's noise RMS (simulated data; "
+            "1: as consistent as the noise allows)"),
         "validation_score": Metric("maximize", "best per-epoch validation PSNR gain over bicubic (dB)"),
         "n_params": Metric("minimize", "trainable parameters"),
         "train_seconds": Metric("minimize", "training time in seconds"),
@@ -130,7 +163,15 @@ class SRObjective(Objective):
     def setup(self) -> None:
         self.data_seed = self.seed if self.options["data_seed"] is None else self.options["data_seed"]
         self.scale = self.options["scale"]
+        self.operator = Degradation(self.scale, self.operator_psf_fwhm())
         self._test_prediction: np.ndarray | None = None
+
+    def operator_psf_fwhm(self) -> float:
+        """FWHM (HR pixels) of the PSF in the degradation operator: from the simulation, or the
+        folder's ``consistency_psf_fwhm``."""
+        if self.options["source"] == "folder":
+            return self.options["consistency_psf_fwhm"]
+        return operator_psf_fwhm_pixels(simulation_config(self.options))
 
     @classmethod
     def check_options(cls, table: dict[str, Any], prefix: str = "objective") -> dict[str, Any]:
@@ -167,12 +208,18 @@ class SRObjective(Objective):
         )
         for key in NON_NEGATIVE_KEYS:
             require(
-                math.isfinite(options[key]) and options[key] >= 0,
+                options[key] is None or (_is_number(options[key]) and options[key] >= 0),
                 f"{prefix}.{key}",
-                f"must be >= 0, got {options[key]}",
+                f"must be a number >= 0, got {options[key]!r}",
             )
         for key in RANGE_KEYS:
-            options[key] = _check_range(f"{prefix}.{key}", options[key], *RANGE_BOUNDS[key])
+            if options[key] is not None:
+                options[key] = _check_range(f"{prefix}.{key}", options[key], *RANGE_BOUNDS[key])
+        require(
+            math.isfinite(options["consistency_psf_fwhm"]) and options["consistency_psf_fwhm"] >= 0,
+            f"{prefix}.consistency_psf_fwhm",
+            f"must be >= 0 (HR pixels), got {options['consistency_psf_fwhm']}",
+        )
         require(
             options["eval_batch_size"] >= 1,
             f"{prefix}.eval_batch_size",
@@ -193,6 +240,15 @@ class SRObjective(Objective):
             require_folder_keys_unset(options, OPTIONS, FOLDER_ONLY_KEYS, prefix)
         return options
 
+    @classmethod
+    def check_metrics(
+        cls, metrics: tuple[str, ...], options: dict[str, Any], prefix: str = "study.metrics"
+    ) -> None:
+        """consistency_chi needs the LR noise, which only simulated sources know."""
+        if "consistency_chi" in metrics and options["source"] == "folder":
+            raise SpaceError(prefix, 'consistency_chi needs the LR noise of a simulated source; '
+                             'with source = "folder" use consistency_rms')
+
     def dataset_config(self) -> dict[str, Any]:
         """What the dataset cache key is made of."""
         options = self.options
@@ -208,8 +264,10 @@ class SRObjective(Objective):
         }
 
     def load_data(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Simulate or read the LR/HR pairs, and the bicubic upsampling of the test set."""
+        """Simulate or read the LR/HR pairs, and the bicubic and bilinear upsampling of the test
+        set with their scores."""
         options, config = self.options, self.dataset_config()
+        meta: dict[str, Any] = {}
         if options["source"] == "folder":
             arrays = folder_dataset(
                 Path(config["folder"]),
@@ -219,27 +277,48 @@ class SRObjective(Objective):
                 seed=self.data_seed,
                 normalize=options["normalize"],
             )
+            meta["clipped_values"] = clip_to_unit_range(arrays)
         else:
             arrays = simulate_dataset(
                 config["simulation"], config["counts"], self.data_seed, progress=self.progress
             )
-        arrays["test_bicubic"] = bicubic_upsample(arrays["test_lr"], self.scale)
-        bicubic = image_metrics(arrays["test_hr"], arrays["test_bicubic"])
-        return arrays, {"bicubic": bicubic}
+        for mode in INTERPOLATIONS:
+            arrays[f"test_{mode}"] = upsample(arrays["test_lr"], self.scale, mode)
+            meta[mode] = self._test_metrics(arrays[f"test_{mode}"], arrays)
+        return arrays, meta
+
+    def _test_metrics(self, estimate: np.ndarray, data: dict[str, np.ndarray]) -> dict[str, float]:
+        """Image and physics metrics of HR ``estimate`` on the test set."""
+        metrics = image_metrics(data["test_hr"], estimate)
+        metrics.update(physics_metrics(data["test_hr"], estimate, data["test_lr"], self.operator,
+                                       data.get("test_lr_noise")))
+        return metrics
 
     def after_load(self) -> None:
         validation_bicubic = bicubic_upsample(self.data["validation_lr"], self.scale)
         self.validation_bicubic_psnr = self._mean_psnr(self.data["validation_hr"], validation_bicubic)
-        bicubic = self.meta["bicubic"]
-        self.baselines = [Baseline(
-            "bicubic", "bicubic interpolation",
-            "the LR image upsampled by bicubic interpolation: what a network must beat",
-            {k: float(v) for k, v in bicubic.items()},
-        )]
+        bicubic, bilinear = self.meta["bicubic"], self.meta["bilinear"]
+        self.baselines = [
+            Baseline(
+                "bicubic", "bicubic interpolation",
+                "the LR image upsampled by bicubic interpolation: what a network must beat",
+                {k: float(v) for k, v in bicubic.items()},
+            ),
+            Baseline(
+                "bilinear", "bilinear interpolation",
+                "the LR image upsampled by bilinear interpolation: DeepLense's published baseline",
+                {k: float(v) for k, v in bilinear.items()},
+            ),
+        ]
         logger.info(
-            "sr dataset %s (%s): bicubic PSNR %.3f dB, SSIM %.4f", self.dataset_key,
-            "cache hit" if self.cache_hit else "built", bicubic["psnr"], bicubic["ssim"],
+            "sr dataset %s (%s): bicubic PSNR %.3f dB, SSIM %.4f; bilinear %.3f dB, %.4f",
+            self.dataset_key, "cache hit" if self.cache_hit else "built", bicubic["psnr"],
+            bicubic["ssim"], bilinear["psnr"], bilinear["ssim"],
         )
+        clipped = self.meta.get("clipped_values", 0)
+        if clipped:
+            logger.warning("sr dataset %s: %d values outside [0, 1] clipped (normalize = false)",
+                           self.options["folder"], clipped)
 
     def split_sizes(self) -> dict[str, int]:
         return {split: len(self.data[f"{split}_lr"]) for split in SPLITS}
@@ -250,6 +329,10 @@ class SRObjective(Objective):
             "scale": self.scale,
             "lr_shape": list(self.data["test_lr"].shape[2:]),
             "hr_shape": list(self.data["test_hr"].shape[2:]),
+            "degradation": {"psf_fwhm_hr_pixels": self.operator.psf_fwhm_pixels,
+                            "binning": self.scale},
+            **({"clipped_values": self.meta["clipped_values"]}
+               if "clipped_values" in self.meta else {}),
         }
 
     def architecture_arguments(self) -> dict[str, Any]:
@@ -259,7 +342,7 @@ class SRObjective(Objective):
         return self.data["train_lr"], self.data["train_hr"]
 
     def loss(self, config: dict[str, Any]) -> torch.nn.Module:
-        return sr_loss(config["loss"])
+        return sr_loss(config["loss"], config["consistency_weight"], self.operator)
 
     @staticmethod
     def _mean_psnr(truth: np.ndarray, estimate: np.ndarray) -> float:
@@ -275,7 +358,7 @@ class SRObjective(Objective):
         """MSE, PSNR and SSIM on the test set, and their gains over bicubic."""
         prediction = predict(model, self.data["test_lr"], self.options["eval_batch_size"], ctx.device)
         self._test_prediction = np.clip(prediction, 0.0, 1.0)
-        metrics: dict[str, Any] = image_metrics(self.data["test_hr"], self._test_prediction)
+        metrics: dict[str, Any] = self._test_metrics(self._test_prediction, self.data)
         bicubic = self.baselines[0].metrics
         metrics.update(psnr_gain=metrics["psnr"] - bicubic["psnr"], ssim_gain=metrics["ssim"] - bicubic["ssim"])
         ctx.log(f"PSNR {metrics['psnr']:.2f} dB ({metrics['psnr_gain']:+.2f} over bicubic)")
@@ -302,8 +385,28 @@ def _check_instrument(options: dict[str, Any], prefix: str) -> None:
         f"{prefix}.lr_size",
         f"must be an integer in 8..2048, got {size!r}",
     )
-    positive = ("lr_pixel_scale", "exposure_time")
-    non_negative = ("psf_fwhm", "background_rms")
+    for key in EXPOSURE_KEYS:
+        value = options[key]
+        low = 0.0 if key == "hr_exposure_time" else None  # 0: a noiseless HR target
+        if isinstance(value, list):
+            require(
+                len(value) == 2 and all(_is_number(v) and v > 0 for v in value)
+                and value[0] <= value[1],
+                f"{prefix}.{key}",
+                f"must be a number of seconds or a [low, high] pair with 0 < low <= high, "
+                f"got {value!r}",
+            )
+            options[key] = [float(v) for v in value]
+        elif value is not None:
+            require(
+                _is_number(value) and (value > 0 or (low is not None and value == low)),
+                f"{prefix}.{key}",
+                f"must be a {'number >= 0' if low is not None else 'positive number'} of seconds "
+                f"or a [low, high] pair, got {value!r}",
+            )
+            options[key] = float(value)
+    positive = ("lr_pixel_scale",)
+    non_negative = ("psf_fwhm", "hr_psf_fwhm", "background_rms")
     for key in (*positive, *non_negative, "magnitude_zero_point"):
         value = options[key]
         if value is None:
@@ -314,6 +417,14 @@ def _check_instrument(options: dict[str, Any], prefix: str) -> None:
         if key in non_negative:
             require(value >= 0, f"{prefix}.{key}", f"must be >= 0, got {value}")
         options[key] = float(value)
+    if options["hr_psf_fwhm"] is not None and options["source"] in SOURCES[:-1]:
+        psf = options["psf_fwhm"]
+        psf = instrument_preset(options["source"])["psf_fwhm"] if psf is None else psf
+        require(
+            options["hr_psf_fwhm"] <= psf,
+            f"{prefix}.hr_psf_fwhm",
+            f"must not exceed the LR PSF's FWHM ({psf} arcsec): the HR image is the sharper one",
+        )
 
 
 def _check_range(
@@ -336,11 +447,11 @@ def _check_range(
 
 
 def _check_folder_options(options: dict[str, Any], prefix: str) -> None:
-    """source = "folder": the folder holds LR/ and HR/; simulation keys keep their defaults."""
+    """source = "folder": the folder holds LR/HR pairs; simulation keys keep their defaults."""
     folder = options["folder"]
     require(bool(folder), f"{prefix}.folder", 'is required with source = "folder"')
     try:
-        folder_files(Path(folder))
+        folder_pairs(Path(folder))
     except DataError as error:
         raise SpaceError(f"{prefix}.folder", str(error)) from None
     for key in SIMULATION_ONLY_KEYS:

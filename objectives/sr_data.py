@@ -1,24 +1,35 @@
-"""Strong-lensing LR/HR image pairs: lenstronomy simulations and a user's folder of .npy pairs.
+"""Strong-lensing LR/HR image pairs: lenstronomy simulations and a user's folder of pairs.
 
-Simulation (DeepLense "Model 1" style). Each pair draws an SIE lens (Einstein radius, axis
-ratio, orientation, centre), external shear, an optional Poisson number of point-mass
-subhalos, and an elliptical Sérsic source (magnitude, half-light radius, Sérsic index, axis
-ratio, orientation, centre). lenstronomy ray-shoots the HR pixel grid (``supersampling``
-points per HR pixel side) and evaluates the source there:
+Simulation. Each pair draws an SIE lens (Einstein radius, axis ratio, orientation, centre),
+external shear, an optional Poisson number of point-mass subhalos, and an elliptical Sérsic
+source (magnitude, half-light radius, Sérsic index, axis ratio, orientation, centre).
+lenstronomy ray-shoots the HR pixel grid (``supersampling`` points per HR pixel side) and
+evaluates the source there, in counts/s:
 
-- HR: ``scale * lr_size`` pixels of ``lr_pixel_scale / scale`` arcsec, noiseless, convolved
-  with a Gaussian of ``hr_psf_fwhm`` (0 = none);
-- LR: the same sky convolved with the Gaussian PSF of ``psf_fwhm``, summed over
-  ``scale x scale`` HR pixels, plus noise with lenstronomy's convention (``SingleBand``):
-  Gaussian background of ``background_rms`` counts/s and Poisson noise of the source counts
-  over ``exposure_time`` (Gaussian approximation).
+- noiseless HR: ``scale * lr_size`` pixels of ``lr_pixel_scale / scale`` arcsec, convolved with
+  a Gaussian PSF of ``hr_psf_fwhm``;
+- noiseless LR: the noiseless HR degraded by the study's operator
+  (``lensnas.objectives.sr_metrics.Degradation``: the Gaussian of FWHM
+  sqrt(psf_fwhm^2 - hr_psf_fwhm^2), then ``scale x scale`` blocks summed), so that the LR image
+  has the PSF ``psf_fwhm`` and the operator maps the noiseless HR exactly onto it;
+- observed images, DeepLenseSim's noise recipe: counts = Poisson(max(0, t (image + shot +
+  background))) with ``shot`` Gaussian of variance image / t and ``background`` Gaussian of
+  ``background_rms`` counts/s (so shot noise enters twice, as in DeepLense's sets), divided by
+  the exposure t (``exposure_time``, a number or a [low, high] range drawn log-uniformly per
+  image). The HR target is the Poisson counts of its noiseless image at ``hr_exposure_time``
+  (drawn the same way, independently), or noiseless when that is 0.
 
-Instruments: ``simulate`` is DeepLense Model 1 (75x75 LR at 0.05"/pixel, PSF FWHM 0.087");
-``euclid`` (VIS) and ``hst`` (WFC3 F160W) take pixel scale, seeing, exposure time, zero point
-and background noise from lenstronomy's ``ObservationConfig`` (64x64 LR).
+Sources: ``simulate`` is DeepLense Model 1 (see :data:`MODEL_1_INSTRUMENT` and
+:data:`MODEL_1_POPULATION`: DeepLenseSim's Model I lens, source, PSF and noise, 75x75 LR at
+0.05"/pixel, 150x150 HR at 0.025"/pixel); ``euclid`` (VIS) and ``hst`` (WFC3 F160W) take pixel
+scale, seeing, exposure time, zero point and background noise from lenstronomy's
+``ObservationConfig`` (64x64 LR), a noiseless HR without PSF, and the generic population
+:data:`GENERIC_POPULATION`.
 
 Normalisation: every image, LR and HR separately, is min-max rescaled to [0, 1]
-(a constant image becomes 0). Arrays are float32 of shape (N, 1, H, W).
+(a constant image becomes 0). Arrays are float32 of shape (N, 1, H, W); ``<split>_lr_noise``
+(N,) holds each LR image's noise RMS in its [0, 1] units (the RMS of the normalised LR image
+minus its noiseless version).
 
 Splits are simulated from disjoint seeds: ``[data_seed, 1]`` train, ``[data_seed, 2]``
 validation, ``[data_seed, 3]`` test.
@@ -27,46 +38,57 @@ validation, ``[data_seed, 3]`` test.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from tokenize import TokenError
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-from scipy import ndimage
+import torch
 
+from lensnas.objectives.sr_metrics import Degradation, gaussian_blur
 from lensnas.spaces.errors import DataError
 
 SOURCES = ("simulate", "euclid", "hst", "folder")
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED_CODES = {"train": 1, "validation": 2, "test": 3}
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-PSF_TRUNCATE = 5.0  # Gaussian PSF kernels are cut at 5 sigma (as lenstronomy's)
 MIN_HR_SIDE = 11  # the SSIM window (objectives.sr_metrics)
+SIMULATION_BATCH = 32  # pairs whose PSF and binning are one torch call
 
 INSTRUMENT_KEYS = (
     "lr_size",
     "lr_pixel_scale",
     "psf_fwhm",
+    "hr_psf_fwhm",
     "exposure_time",
+    "hr_exposure_time",
     "background_rms",
     "magnitude_zero_point",
 )
+EXPOSURE_KEYS = ("exposure_time", "hr_exposure_time")
+MODEL_1_EXPOSURE = [1000.0, 3162.2777]  # s: DeepLenseSim draws 10**uniform(3, 3.5)
 
-# DeepLense Model 1: 75x75 at 0.05"/pixel, Gaussian PSF FWHM 0.087". Exposure, zero point and
-# background are chosen so that, with the default source magnitudes, the brightest LR pixel has
-# a signal-to-noise ratio of about 7 to 50 (median about 20).
-MODEL_1_INSTRUMENT = {
+# DeepLense Model 1 (DeepLenseSim's Model I, at the LR/HR sizes of DeepLense's SR sets):
+# Gaussian PSF of FWHM 0.087" on both images, exposure 10**U(3, 3.5) s for each, zero point 25.
+# background_rms is calibrated: DeepLenseSim's own 0.01 counts/s gives a bilinear baseline of
+# 27.2 dB PSNR / SSIM 0.53, 0.025 gives the published 24.8 dB / 0.30 within 0.8 dB / 0.03
+# (README, "Super-resolution").
+MODEL_1_INSTRUMENT: dict[str, Any] = {
     "lr_size": 75,
     "lr_pixel_scale": 0.05,
     "psf_fwhm": 0.087,
-    "exposure_time": 1000.0,
-    "background_rms": 0.02,
+    "hr_psf_fwhm": 0.087,
+    "exposure_time": MODEL_1_EXPOSURE,
+    "hr_exposure_time": MODEL_1_EXPOSURE,
+    "background_rms": 0.025,
     "magnitude_zero_point": 25.0,
 }
 
-# Physical population: [low, high] ranges are drawn uniformly unless said otherwise.
-POPULATION_DEFAULTS: dict[str, Any] = {
+# Physical population of the euclid and hst sources: [low, high] ranges are drawn uniformly
+# unless said otherwise.
+GENERIC_POPULATION: dict[str, Any] = {
     "einstein_radius": [0.6, 1.2],  # arcsec, SIE
     "lens_axis_ratio": [0.6, 1.0],  # SIE minor/major axis ratio
     "lens_center_sigma": 0.05,  # arcsec, Gaussian scatter of the lens centre
@@ -80,12 +102,32 @@ POPULATION_DEFAULTS: dict[str, Any] = {
     "source_axis_ratio": [0.5, 1.0],
     "source_center_radius": 0.3,  # arcsec, uniform in a disk around the optical axis
 }
-RANGE_KEYS = tuple(k for k, v in POPULATION_DEFAULTS.items() if isinstance(v, list))
+# DeepLenseSim's Model I without substructure: an SIE of 1e12 solar masses at z = 0.5 lensing a
+# source at z = 1 (Einstein radius 1.28"), e1 = 0.1 (axis ratio 0.818), external shear 0.05; a
+# Sérsic source of amplitude 20 (magnitude 22.06 at zero point 25), R_sersic 0.25", n = 1,
+# e = (-0.1, 0.1) (axis ratio 0.752), centred uniformly within 0.35" of the axis. Orientations
+# are drawn at random here (DeepLenseSim fixes them).
+MODEL_1_POPULATION: dict[str, Any] = {
+    **GENERIC_POPULATION,
+    "einstein_radius": [1.2815, 1.2815],
+    "lens_axis_ratio": [0.8182, 0.8182],
+    "lens_center_sigma": 0.0,
+    "shear_strength": [0.05, 0.05],
+    "subhalo_mean_count": 0.0,
+    "source_magnitude": [22.063, 22.063],
+    "source_half_light_radius": [0.25, 0.25],
+    "source_sersic_index": [1.0, 1.0],
+    "source_axis_ratio": [0.7522, 0.7522],
+    "source_center_radius": 0.4,
+}
+# The [objective] defaults of the population keys: None is the source's population.
+POPULATION_DEFAULTS: dict[str, Any] = {key: None for key in GENERIC_POPULATION}
+RANGE_KEYS = tuple(k for k, v in GENERIC_POPULATION.items() if isinstance(v, list))
 LOG_UNIFORM_KEYS = ("subhalo_einstein_radius",)
 
 
 def instrument_preset(source: str) -> dict[str, Any]:
-    """LR size, pixel scale, PSF FWHM, exposure, background and zero point of a simulated source."""
+    """LR size, pixel scale, PSFs, exposures, background and zero point of a simulated source."""
     if source == "simulate":
         return dict(MODEL_1_INSTRUMENT)
     from lenstronomy.SimulationAPI.observation_api import SingleBand
@@ -105,31 +147,52 @@ def instrument_preset(source: str) -> dict[str, Any]:
         "lr_size": 64,
         "lr_pixel_scale": float(kwargs["pixel_scale"]),
         "psf_fwhm": float(kwargs["seeing"]),
+        "hr_psf_fwhm": 0.0,
         "exposure_time": float(band.exposure_time),
+        "hr_exposure_time": 0.0,
         "background_rms": float(band.background_noise),
         "magnitude_zero_point": float(kwargs["magnitude_zero_point"]),
     }
 
 
+def population_preset(source: str) -> dict[str, Any]:
+    """The lens and source population of a simulated source."""
+    return dict(MODEL_1_POPULATION if source == "simulate" else GENERIC_POPULATION)
+
+
+def _exposure_range(value: Any) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, list) else [float(value)] * 2
+
+
 def simulation_config(options: dict[str, Any]) -> dict[str, Any]:
-    """The complete simulation settings: the source's instrument, overridden by options."""
+    """The complete simulation settings: the source's instrument and population, overridden by
+    the options that are set (not None)."""
     instrument = instrument_preset(options["source"])
+    population = population_preset(options["source"])
     for key in INSTRUMENT_KEYS:
         if options.get(key) is not None:
             instrument[key] = options[key]
-    instrument["lr_size"] = int(instrument["lr_size"])
-    config = {
+    for key in POPULATION_DEFAULTS:
+        if options.get(key) is not None:
+            population[key] = options[key]
+    config: dict[str, Any] = {
         "source": options["source"],
         "scale": int(options["scale"]),
-        "hr_psf_fwhm": float(options["hr_psf_fwhm"]),
         "supersampling": int(options["supersampling"]),
-        **{k: float(v) for k, v in instrument.items() if k != "lr_size"},
-        "lr_size": instrument["lr_size"],
+        "lr_size": int(instrument["lr_size"]),
     }
-    for key in POPULATION_DEFAULTS:
-        value = options[key]
+    for key, value in instrument.items():
+        if key != "lr_size":
+            config[key] = _exposure_range(value) if key in EXPOSURE_KEYS else float(value)
+    for key, value in population.items():
         config[key] = [float(v) for v in value] if isinstance(value, list) else float(value)
     return config
+
+
+def operator_psf_fwhm_pixels(config: dict[str, Any]) -> float:
+    """FWHM in HR pixels of the Gaussian that blurs the HR image's PSF into the LR one's."""
+    extra = math.sqrt(max(config["psf_fwhm"] ** 2 - config["hr_psf_fwhm"] ** 2, 0.0))
+    return extra / (config["lr_pixel_scale"] / config["scale"])
 
 
 def normalize_per_image(images: np.ndarray) -> np.ndarray:
@@ -148,6 +211,25 @@ def block_sum(image: np.ndarray, factor: int) -> np.ndarray:
         return image
     rows, columns = image.shape
     return image.reshape(rows // factor, factor, columns // factor, factor).sum(axis=(1, 3))
+
+
+def observe(
+    image: np.ndarray, exposure: float, background_rms: float, rng: np.random.Generator
+) -> np.ndarray:
+    """DeepLenseSim's noisy observation of ``image`` (counts/s per pixel), in counts/s:
+    Poisson(max(0, t (image + shot + background))) / t, shot ~ N(0, image / t)."""
+    shot = rng.standard_normal(image.shape) * np.sqrt(np.abs(image) / exposure)
+    background = rng.standard_normal(image.shape) * background_rms
+    counts = exposure * (image + shot + background)
+    return rng.poisson(np.maximum(counts, 0.0)) / exposure
+
+
+class SimulatedPair(NamedTuple):
+    """One simulated pair, unnormalised, in counts/s per pixel."""
+
+    lr: np.ndarray  # observed LR
+    hr: np.ndarray  # HR target (Poisson counts at hr_exposure_time, or noiseless)
+    lr_clean: np.ndarray  # the LR image without noise
 
 
 class LensSimulator:
@@ -169,14 +251,14 @@ class LensSimulator:
         x, y = np.meshgrid(axis, axis)
         self.x, self.y = x.ravel(), y.ravel()
         self.source_model = LightModel(["SERSIC_ELLIPSE"])
+        # only for magnitude -> counts/s at the zero point
         self.band = SingleBand(
             pixel_scale=config["lr_pixel_scale"],
-            exposure_time=config["exposure_time"],
+            exposure_time=1.0,
             magnitude_zero_point=config["magnitude_zero_point"],
-            background_noise=config["background_rms"],
-            seeing=config["psf_fwhm"],
-            psf_type="GAUSSIAN",
+            background_noise=0.0,
         )
+        self.operator = Degradation(self.scale, operator_psf_fwhm_pixels(config))
         self._lens_models: dict[int, Any] = {}
 
     def lens_model(self, subhalo_count: int) -> Any:
@@ -248,32 +330,56 @@ class LensSimulator:
         kwargs_source[0]["amp"] = float(flux / self.source_model.total_flux(kwargs_source)[0])
         return kwargs_lens, kwargs_source
 
-    def render(
-        self, kwargs_lens: list[dict], kwargs_source: list[dict], rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(LR with PSF and noise, noiseless HR), both in counts/s per pixel, unnormalised."""
+    def sky(self, kwargs_lens: list[dict], kwargs_source: list[dict]) -> np.ndarray:
+        """The lensed source on the HR grid before any PSF, in counts/s per HR pixel."""
         lens_model = self.lens_model(len(kwargs_lens) - 2)
         beta_x, beta_y = lens_model.ray_shooting(self.x, self.y, kwargs_lens)
         brightness = self.source_model.surface_brightness(beta_x, beta_y, kwargs_source)
         side = self.hr_size * self.supersampling
         sub_area = (self.hr_pixel_scale / self.supersampling) ** 2
-        sky = block_sum(np.asarray(brightness).reshape(side, side) * sub_area, self.supersampling)
-        hr = self._blur(sky, self.config["hr_psf_fwhm"])
-        lr_clean = block_sum(self._blur(sky, self.config["psf_fwhm"]), self.scale)
-        noise_rms = self.band.estimate_noise(lr_clean)
-        lr = lr_clean + rng.standard_normal(lr_clean.shape) * noise_rms
-        return lr, hr
+        return block_sum(np.asarray(brightness).reshape(side, side) * sub_area, self.supersampling)
 
-    def _blur(self, image: np.ndarray, fwhm: float) -> np.ndarray:
-        if fwhm <= 0:
-            return image
-        sigma = fwhm / FWHM_PER_SIGMA / self.hr_pixel_scale
-        return ndimage.gaussian_filter(image, sigma, mode="constant", truncate=PSF_TRUNCATE)
+    def render_clean(self, skies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(noiseless HR, noiseless LR) of a batch of skies (N, H, W), in counts/s per pixel
+        (one torch call per batch: per-image calls are slow on a busy machine)."""
+        with torch.no_grad():
+            sky = torch.from_numpy(np.asarray(skies, dtype=np.float64))[:, None]
+            hr = gaussian_blur(sky, self.config["hr_psf_fwhm"] / self.hr_pixel_scale)
+            lr = self.operator(hr) * self.scale**2  # block sums: counts are conserved
+        return hr[:, 0].numpy(), lr[:, 0].numpy()
 
-    def pair(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """One random (LR, HR) pair, unnormalised."""
+    def _exposure(self, key: str, rng: np.random.Generator) -> float:
+        low, high = self.config[key]
+        return low if low == high else float(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+    def observe(
+        self, hr_clean: np.ndarray, lr_clean: np.ndarray, rng: np.random.Generator
+    ) -> SimulatedPair:
+        """The observed LR and the HR target of one noiseless pair."""
+        lr = observe(lr_clean, self._exposure("exposure_time", rng), self.config["background_rms"], rng)
+        hr = hr_clean
+        if self.config["hr_exposure_time"][1] > 0:
+            exposure = self._exposure("hr_exposure_time", rng)
+            hr = rng.poisson(np.maximum(hr_clean, 0.0) * exposure) / exposure
+        return SimulatedPair(lr, hr, lr_clean)
+
+    def render(
+        self, kwargs_lens: list[dict], kwargs_source: list[dict], rng: np.random.Generator
+    ) -> SimulatedPair:
+        """The observed LR, the HR target and the noiseless LR, unnormalised."""
+        (hr_clean,), (lr_clean,) = self.render_clean(self.sky(kwargs_lens, kwargs_source)[None])
+        return self.observe(hr_clean, lr_clean, rng)
+
+    def pair(self, rng: np.random.Generator) -> SimulatedPair:
+        """One random pair, unnormalised."""
         kwargs_lens, kwargs_source = self.draw_parameters(rng)
         return self.render(kwargs_lens, kwargs_source, rng)
+
+    def pairs(self, count: int, rng: np.random.Generator) -> list[SimulatedPair]:
+        """``count`` random pairs, unnormalised, their PSF and binning done in one batch."""
+        skies = np.stack([self.sky(*self.draw_parameters(rng)) for _ in range(count)])
+        hr_clean, lr_clean = self.render_clean(skies)
+        return [self.observe(hr, lr, rng) for hr, lr in zip(hr_clean, lr_clean)]
 
 
 def split_rng(data_seed: int, split: str) -> np.random.Generator:
@@ -281,27 +387,40 @@ def split_rng(data_seed: int, split: str) -> np.random.Generator:
     return np.random.default_rng([data_seed, SPLIT_SEED_CODES[split]])
 
 
+def normalized_pair(pair: SimulatedPair) -> tuple[np.ndarray, np.ndarray, float]:
+    """(LR, HR) min-max normalised to [0, 1] and the LR image's noise RMS in those units."""
+    low, span = float(pair.lr.min()), float(pair.lr.max() - pair.lr.min())
+    lr = normalize_per_image(pair.lr[None])[0]
+    clean = (pair.lr_clean - low) / span if span > 0 else np.zeros_like(pair.lr_clean)
+    noise = float(np.sqrt(np.mean((lr - clean) ** 2)))
+    return lr, normalize_per_image(pair.hr[None])[0], noise
+
+
 def simulate_split(
     simulator: LensSimulator,
     count: int,
     rng: np.random.Generator,
     advance: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` normalised pairs as float32 arrays (N, 1, h, w) and (N, 1, H, W)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` normalised pairs as float32 arrays (N, 1, h, w) and (N, 1, H, W), and each LR
+    image's noise RMS (N,) in its normalised units."""
     lr = np.empty((count, 1, simulator.lr_size, simulator.lr_size), dtype=np.float32)
     hr = np.empty((count, 1, simulator.hr_size, simulator.hr_size), dtype=np.float32)
-    for i in range(count):
-        low, high = simulator.pair(rng)
-        lr[i, 0], hr[i, 0] = normalize_per_image(low[None])[0], normalize_per_image(high[None])[0]
+    noise = np.empty(count, dtype=np.float32)
+    for start in range(0, count, SIMULATION_BATCH):
+        batch = simulator.pairs(min(SIMULATION_BATCH, count - start), rng)
+        for i, pair in enumerate(batch, start):
+            lr[i, 0], hr[i, 0], noise[i] = normalized_pair(pair)
         if advance is not None:
-            advance(1)
-    return lr, hr
+            advance(len(batch))
+    return lr, hr, noise
 
 
 def simulate_dataset(
     config: dict[str, Any], counts: dict[str, int], data_seed: int, progress: bool = True
 ) -> dict[str, np.ndarray]:
-    """Train/validation/test pairs: ``{"<split>_lr", "<split>_hr"}`` arrays, with a progress bar."""
+    """Train/validation/test pairs: ``{"<split>_lr", "<split>_hr", "<split>_lr_noise"}``
+    arrays, with a progress bar."""
     from rich.progress import Progress
 
     simulator = LensSimulator(config)
@@ -310,13 +429,14 @@ def simulate_dataset(
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"simulating {total} lensed image pairs", total=total)
         for split in SPLITS:
-            lr, hr = simulate_split(
+            lr, hr, noise = simulate_split(
                 simulator,
                 counts[split],
                 split_rng(data_seed, split),
                 lambda n: bar.advance(task, n),
             )
             arrays[f"{split}_lr"], arrays[f"{split}_hr"] = lr, hr
+            arrays[f"{split}_lr_noise"] = noise
     return arrays
 
 
@@ -328,23 +448,125 @@ SPLIT_FILE_NAMES = {
     "val": "validation",
     "test": "test",
 }
+NPY_SUFFIXES = (".npy",)
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
+UNIT_RANGE_TOLERANCE = 0.1  # unnormalised folders: values within this of [0, 1] are clipped
+# LR/LR_12.npy, HR/hr-0012.fits: a leading or trailing LR/HR tag around the pair's key
+_SIDE_TAG = re.compile(r"^(?:lr|hr)[_\-. ]?(?P<head>.+)$|^(?P<tail>.+?)[_\-. ]?(?:lr|hr)$", re.IGNORECASE)
+# train_LR.npy, val_hr.fits: stacked splits directly in the folder
+_STACK_NAME = re.compile(r"^(?P<split>train|validation|val|test)[_\-]?(?P<side>lr|hr)$", re.IGNORECASE)
 
 
-def folder_files(folder: Path) -> tuple[Path, Path, list[str]]:
-    """(LR dir, HR dir, sorted .npy names under LR/), checking that both folders exist."""
+class PairFiles(NamedTuple):
+    """One LR file and its HR partner; ``split`` for stacks, None for one image per file."""
+
+    lr: Path
+    hr: Path
+    split: str | None
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in (*NPY_SUFFIXES, *FITS_SUFFIXES) if name.endswith(s)), "")
+
+
+def _stem(path: Path) -> str:
+    return path.name[: len(path.name) - len(_suffix(path))]
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The .npy and FITS files directly in ``folder`` (hidden ones ignored), sorted."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and _suffix(p) and not p.name.startswith(".")
+    )
+
+
+def pair_key(path: Path) -> str:
+    """What pairs an LR file with its HR partner: the name without its extension and without
+    an LR/HR tag (``LR_12`` and ``HR_12`` give ``12``); a number is read as an integer, so
+    ``LR_007`` pairs with ``HR_7``."""
+    stem = _stem(path)
+    match = _SIDE_TAG.match(stem)
+    key = (match.group("head") or match.group("tail")) if match else stem
+    return str(int(key)) if key.isdigit() else key
+
+
+def _natural(key: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key))
+
+
+def _match_by_key(lr_files: list[Path], hr_files: list[Path], split: str | None) -> list[PairFiles]:
+    lr_keys: dict[str, Path] = {}
+    for path in lr_files:
+        key = pair_key(path)
+        if key in lr_keys:
+            raise DataError(str(path), f"pairs under the same key {key!r} as {lr_keys[key]}")
+        lr_keys[key] = path
+    hr_keys: dict[str, Path] = {}
+    for path in hr_files:
+        key = pair_key(path)
+        if key in hr_keys:
+            raise DataError(str(path), f"pairs under the same key {key!r} as {hr_keys[key]}")
+        if key not in lr_keys:
+            raise DataError(str(path), f"has no LR partner (no LR file named like it, key {key!r})")
+        hr_keys[key] = path
+    for key, path in lr_keys.items():
+        if key not in hr_keys:
+            raise DataError(str(path), f"has no HR partner (no HR file named like it, key {key!r})")
+    return [PairFiles(lr_keys[key], hr_keys[key], split) for key in sorted(lr_keys, key=_natural)]
+
+
+def folder_pairs(folder: Path) -> list[PairFiles]:
+    """The LR/HR file pairs of a data folder (DataError naming the file when one is missing).
+
+    Layouts: ``LR/`` and ``HR/`` holding one image per file, paired by name (identical names,
+    or ``LR_{i}`` / ``HR_{i}``, see :func:`pair_key`), or one stack per split
+    (``train``, optional ``validation`` or ``val``, optional ``test``); or stacks directly in
+    the folder: ``train_LR`` / ``train_HR`` (optional ``validation_*``, ``val_*``, ``test_*``).
+    Files are ``.npy`` or FITS.
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(str(folder), "no such folder (expected LR/ and HR/ with .npy files)")
+        raise DataError(str(folder), "no such folder (expected LR/ and HR/, or train_LR.npy and "
+                        "train_HR.npy)")
     lr_dir, hr_dir = folder / "LR", folder / "HR"
-    for sub in (lr_dir, hr_dir):
-        if not sub.is_dir():
-            raise DataError(
-                str(sub), "missing folder; a data folder holds LR/ and HR/ with matching .npy names"
-            )
-    names = sorted(p.name for p in lr_dir.glob("*.npy"))
-    if not names:
-        raise DataError(str(lr_dir), "contains no .npy files")
-    return lr_dir, hr_dir, names
+    if lr_dir.is_dir() or hr_dir.is_dir():
+        for sub in (lr_dir, hr_dir):
+            if not sub.is_dir():
+                raise DataError(str(sub), "missing folder; a data folder holds LR/ and HR/ with "
+                                "matching files")
+        lr_files, hr_files = _data_files(lr_dir), _data_files(hr_dir)
+        if not lr_files:
+            raise DataError(str(lr_dir), "contains no .npy or FITS files")
+        stems = {_stem(p) for p in lr_files} | {_stem(p) for p in hr_files}
+        if "train" in stems and stems <= set(SPLIT_FILE_NAMES):
+            pairs = _match_by_key(lr_files, hr_files, None)
+            return [pair._replace(split=SPLIT_FILE_NAMES[_stem(pair.lr)]) for pair in pairs]
+        return _match_by_key(lr_files, hr_files, None)
+    stacks: dict[tuple[str, str], Path] = {}
+    for path in _data_files(folder):
+        match = _STACK_NAME.match(_stem(path))
+        if match:
+            split = SPLIT_FILE_NAMES[match.group("split").lower()]
+            side = match.group("side").upper()
+            if (split, side) in stacks:
+                raise DataError(str(path), f"a second {split} {side} stack beside "
+                                f"{stacks[split, side]}")
+            stacks[split, side] = path
+    if ("train", "LR") not in stacks and ("train", "HR") not in stacks:
+        raise DataError(str(folder), "holds neither LR/ and HR/ nor train_LR.npy and "
+                        "train_HR.npy (.npy or FITS)")
+    pairs = []
+    for split in SPLITS:
+        lr, hr = stacks.get((split, "LR")), stacks.get((split, "HR"))
+        if lr is None and hr is None:
+            continue
+        if hr is None:
+            raise DataError(str(lr), f"has no HR partner ({split}_HR.npy or FITS)")
+        if lr is None:
+            raise DataError(str(hr), f"has no LR partner ({split}_LR.npy or FITS)")
+        pairs.append(PairFiles(lr, hr, split))
+    return pairs
 
 
 def folder_config(
@@ -367,31 +589,57 @@ def folder_config(
 
 
 def folder_fingerprint(folder: Path) -> list[list[Any]]:
-    """[name, size, mtime_ns] of every .npy under LR/ and HR/: part of the cache key."""
-    lr_dir, hr_dir, _ = folder_files(folder)
+    """[path, size, mtime_ns] of every paired file: part of the cache key."""
+    folder = Path(folder)
     return [
-        [f"{sub.name}/{path.name}", path.stat().st_size, path.stat().st_mtime_ns]
-        for sub in (lr_dir, hr_dir)
-        for path in sorted(sub.glob("*.npy"))
+        [str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns]
+        for pair in folder_pairs(folder)
+        for path in (pair.lr, pair.hr)
     ]
 
 
-def _load_array(path: Path, unit_range: bool) -> np.ndarray:
+def _read_fits(path: Path) -> np.ndarray:
+    from astropy.io import fits
+
     try:
-        array = np.load(path, allow_pickle=False)
+        with warnings.catch_warnings():  # a damaged header is reported below, in one line
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            with fits.open(path, memmap=False) as hdus:
+                for hdu in hdus:
+                    if hdu.data is not None:
+                        return np.asarray(hdu.data)
+    except (OSError, ValueError, TypeError, IndexError, EOFError) as error:
+        message = " ".join(str(error).split())
+        raise DataError(str(path), f"unreadable FITS file ({message})") from None
+    raise DataError(str(path), "FITS file without an image")
+
+
+def read_array(path: Path) -> np.ndarray:
+    """The array in a .npy or FITS file (the first HDU with data); DataError if unreadable."""
+    if _suffix(path) in FITS_SUFFIXES:
+        return _read_fits(path)
+    try:
+        return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, SyntaxError, TokenError) as error:
         # a corrupted header fails in numpy's header parser with SyntaxError or TokenError
         message = " ".join(str(error).split())
         raise DataError(str(path), f"unreadable .npy file ({message})") from None
+
+
+def _load_array(path: Path, unit_range: bool, tolerance: float = 0.0) -> np.ndarray:
+    """A file's real, finite array; with ``unit_range``, values must lie within ``tolerance``
+    of [0, 1]."""
+    array = read_array(path)
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise DataError(str(path), f"must hold real numbers, got dtype {array.dtype}")
     bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     if bad:
         raise DataError(str(path), f"contains {bad} non-finite values (NaN or inf)")
-    if unit_range and array.size and (array.min() < 0 or array.max() > 1):
+    if unit_range and array.size and (array.min() < -tolerance or array.max() > 1 + tolerance):
+        allowed = f"[{-tolerance:g}, {1 + tolerance:g}]" if tolerance else "[0, 1]"
         raise DataError(
             str(path),
-            f"values span [{array.min():.3g}, {array.max():.3g}], outside [0, 1]; "
+            f"values span [{array.min():.3g}, {array.max():.3g}], outside {allowed}; "
             "set normalize = true",
         )
     return array
@@ -435,38 +683,27 @@ def _check_pair(lr_path: Path, lr: np.ndarray, hr_path: Path, hr: np.ndarray, sc
 def load_folder(
     folder: Path, scale: int, unit_range: bool = False
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Validated raw (LR, HR) stacks by split, unnormalised, from ``folder/LR`` and ``folder/HR``.
-
-    Layouts: one array per split (``LR/train.npy``, optional ``LR/validation.npy`` or
-    ``LR/val.npy``, optional ``LR/test.npy``), or one image per file with matching names
-    (all returned as ``train``). Any problem raises DataError naming the file; with
-    ``unit_range``, so does a value outside [0, 1].
-    """
-    lr_dir, hr_dir, names = folder_files(folder)
-    stems = {Path(name).stem for name in names}
-    stacked = "train" in stems and stems <= set(SPLIT_FILE_NAMES)
-    for name in sorted(p.name for p in hr_dir.glob("*.npy")):
-        if name not in names:
-            raise DataError(str(hr_dir / name), f"has no LR partner {lr_dir / name}")
+    """Validated raw (LR, HR) stacks by split, unnormalised, from a data folder (layouts: see
+    :func:`folder_pairs`; one image per file all go to ``train``). Any problem raises
+    DataError naming the file; with ``unit_range``, so does a value farther than
+    :data:`UNIT_RANGE_TOLERANCE` outside [0, 1]."""
     pools: dict[str, tuple[list, list]] = {}
     first: tuple[Path, tuple[int, ...]] | None = None
-    for name in names:
-        lr_path, hr_path = lr_dir / name, hr_dir / name
-        if not hr_path.is_file():
-            raise DataError(str(lr_path), f"has no HR partner {hr_path}")
-        lr = _as_images(lr_path, _load_array(lr_path, unit_range), stacked)
-        hr = _as_images(hr_path, _load_array(hr_path, unit_range), stacked)
+    tolerance = UNIT_RANGE_TOLERANCE if unit_range else 0.0
+    for pair in folder_pairs(folder):
+        stacked = pair.split is not None
+        lr = _as_images(pair.lr, _load_array(pair.lr, unit_range, tolerance), stacked)
+        hr = _as_images(pair.hr, _load_array(pair.hr, unit_range, tolerance), stacked)
         if first is None:
-            first = (lr_path, lr.shape[1:])
+            first = (pair.lr, lr.shape[1:])
         elif lr.shape[1:] != first[1]:
             raise DataError(
-                str(lr_path), f"LR shape {lr.shape[1:]} differs from {first[1]} of {first[0]}"
+                str(pair.lr), f"LR shape {lr.shape[1:]} differs from {first[1]} of {first[0]}"
             )
-        _check_pair(lr_path, lr, hr_path, hr, scale)
-        split = SPLIT_FILE_NAMES[Path(name).stem] if stacked else "train"
-        pools.setdefault(split, ([], []))
-        pools[split][0].append(lr)
-        pools[split][1].append(hr)
+        _check_pair(pair.lr, lr, pair.hr, hr, scale)
+        pools.setdefault(pair.split or "train", ([], []))
+        pools[pair.split or "train"][0].append(lr)
+        pools[pair.split or "train"][1].append(hr)
     return {
         split: (np.concatenate(lrs).astype(np.float64), np.concatenate(hrs).astype(np.float64))
         for split, (lrs, hrs) in pools.items()
@@ -482,8 +719,12 @@ def folder_dataset(
     seed: int,
     normalize: bool,
 ) -> dict[str, np.ndarray]:
-    """Train/validation/test arrays from a user folder; missing splits are carved from train."""
+    """Train/validation/test arrays from a user folder; missing splits are carved from train.
+    Without ``normalize`` the values are kept as they are (:func:`clip_to_unit_range` clips
+    those slightly outside [0, 1])."""
     pools = load_folder(folder, scale, unit_range=not normalize)
+    if "train" not in pools:
+        raise DataError(str(folder), "has no training pairs (train_LR / train_HR or LR/train)")
     train_lr, train_hr = pools["train"]
     rng = np.random.default_rng([seed, 0])
     for split, fraction in (("test", test_fraction), ("validation", validation_fraction)):
@@ -492,7 +733,7 @@ def folder_dataset(
         count = max(1, round(fraction * len(train_lr)))
         if len(train_lr) - count < 1:
             raise DataError(
-                str(Path(folder) / "LR"),
+                str(folder),
                 f"too few pairs ({len(train_lr)}) for a {split} split of {count} and training",
             )
         order = rng.permutation(len(train_lr))
@@ -509,3 +750,12 @@ def folder_dataset(
             lr, hr = lr.astype(np.float32), hr.astype(np.float32)
         arrays[f"{split}_lr"], arrays[f"{split}_hr"] = lr[:, None], hr[:, None]
     return arrays
+
+
+def clip_to_unit_range(arrays: dict[str, np.ndarray]) -> int:
+    """Clip every array to [0, 1] in place; returns how many values were outside."""
+    outside = 0
+    for array in arrays.values():
+        outside += int(np.count_nonzero((array < 0) | (array > 1)))
+        np.clip(array, 0.0, 1.0, out=array)
+    return outside

@@ -8,10 +8,23 @@ and then averaged over images; PSNR = 10 log10(1 / MSE) with the MSE floored at 
 (PSNR at most 100 dB) so an exact reconstruction does not make the average infinite.
 
 scikit-image is not needed at run time (tests check agreement with it).
+
+Physics-aware scores use the study's degradation operator :class:`Degradation` (HR -> LR: the
+Gaussian PSF that separates the LR image from the HR one, then the mean of ``scale x scale``
+blocks), written once in torch and differentiable: the simulation makes its noiseless LR images
+with it, the scores and the ``consistency`` loss term use it.
+
+- ``flux_error``: per image |sum(SR) - sum(HR)| / sum(HR), averaged over images;
+- ``consistency_rms``: per image, the RMS of ``LR - (a D(SR) + b)`` (``a``, ``b``: the
+  least-squares gain and offset, because LR and HR are normalised to [0, 1] separately and their
+  relative scale is unknown), in the LR image's [0, 1] units, averaged over images;
+- ``consistency_chi``: the same RMS in units of the LR image's noise RMS (simulated data, whose
+  noise is known): about 1 means "as consistent with the LR input as its noise allows".
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -29,6 +42,9 @@ SSIM_K2 = 0.03
 MSE_FLOOR = 1e-10
 SSIM_L1_WEIGHT = 0.84  # weight of (1 - SSIM) in ssim_l1 (Zhao et al. 2017), 0.16 on L1
 CHARBONNIER_EPSILON = 1e-3
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+PSF_TRUNCATE = 5.0  # Gaussian PSF kernels are cut at 5 sigma (as lenstronomy's)
+INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 def _as_stack(images: np.ndarray) -> np.ndarray:
@@ -115,19 +131,127 @@ def image_metrics(truth: np.ndarray, estimate: np.ndarray) -> dict[str, float]:
     }
 
 
-def bicubic_upsample(images: np.ndarray, scale: int, batch_size: int = 256) -> np.ndarray:
-    """Bicubic upsampling (torch, align_corners=False) of (N, 1, H, W) images, clamped to [0, 1]."""
+def upsample(images: np.ndarray, scale: int, mode: str, batch_size: int = 256) -> np.ndarray:
+    """Interpolation (torch ``mode`` "bicubic" or "bilinear", align_corners=False, the pixel-centre
+    convention of OpenCV's ``resize``) of (N, 1, H, W) images, clamped to [0, 1]."""
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {mode!r}; allowed: {', '.join(INTERPOLATIONS)}")
     outputs = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(
-                np.asarray(images[start : start + batch_size], dtype=np.float32)
+                np.array(images[start : start + batch_size], dtype=np.float32)  # a writable copy
             )
-            upsampled = F.interpolate(
-                batch, scale_factor=scale, mode="bicubic", align_corners=False
-            )
+            upsampled = F.interpolate(batch, scale_factor=scale, mode=mode, align_corners=False)
             outputs.append(upsampled.clamp(0.0, 1.0).numpy())
     return np.concatenate(outputs)
+
+
+def bicubic_upsample(images: np.ndarray, scale: int, batch_size: int = 256) -> np.ndarray:
+    """Bicubic upsampling of (N, 1, H, W) images, clamped to [0, 1]."""
+    return upsample(images, scale, "bicubic", batch_size)
+
+
+def bilinear_upsample(images: np.ndarray, scale: int, batch_size: int = 256) -> np.ndarray:
+    """Bilinear upsampling of (N, 1, H, W) images, clamped to [0, 1]."""
+    return upsample(images, scale, "bilinear", batch_size)
+
+
+# ---------------------------------------------------------------------- degradation operator
+
+
+def gaussian_kernel(fwhm_pixels: float) -> torch.Tensor:
+    """The normalised 1-d Gaussian of FWHM ``fwhm_pixels`` (float64), cut at 5 sigma as
+    scipy's ``gaussian_filter(truncate=5)``; ``[1.0]`` for a FWHM of 0."""
+    if fwhm_pixels <= 0:
+        return torch.ones(1, dtype=torch.float64)
+    sigma = fwhm_pixels / FWHM_PER_SIGMA
+    radius = int(PSF_TRUNCATE * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(images: torch.Tensor, fwhm_pixels: float) -> torch.Tensor:
+    """(N, C, H, W) images convolved with a round Gaussian of FWHM ``fwhm_pixels``; no light
+    comes from outside the image (zero padding), as for a cut-out of the sky."""
+    kernel = gaussian_kernel(fwhm_pixels).to(images.device, images.dtype)
+    if len(kernel) == 1:
+        return images
+    channels, radius = images.shape[1], len(kernel) // 2
+    rows = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+    columns = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+    blurred = F.conv2d(images, rows, padding=(radius, 0), groups=channels)
+    return F.conv2d(blurred, columns, padding=(0, radius), groups=channels)
+
+
+class Degradation(nn.Module):
+    """A study's HR -> LR operator: the Gaussian PSF of ``psf_fwhm_pixels`` (HR pixels) that
+    the LR image has beyond the HR one, then the mean of ``scale x scale`` blocks (surface
+    brightness kept: the LR counts per pixel are ``scale**2`` times it). Differentiable."""
+
+    def __init__(self, scale: int, psf_fwhm_pixels: float = 0.0):
+        super().__init__()
+        self.scale = int(scale)
+        self.psf_fwhm_pixels = float(psf_fwhm_pixels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(gaussian_blur(images, self.psf_fwhm_pixels), self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, psf_fwhm_pixels={self.psf_fwhm_pixels:g}"
+
+
+def fitted_residual(model_lr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """``lr - (a model_lr + b)`` per image, with the least-squares gain ``a`` and offset ``b``
+    of each image (images normalised separately have an unknown relative scale)."""
+    axes = tuple(range(1, model_lr.ndim))
+    model_centred = model_lr - model_lr.mean(dim=axes, keepdim=True)
+    lr_centred = lr - lr.mean(dim=axes, keepdim=True)
+    variance = (model_centred * model_centred).sum(dim=axes, keepdim=True)
+    gain = (model_centred * lr_centred).sum(dim=axes, keepdim=True) / variance.clamp_min(1e-20)
+    return lr_centred - gain * model_centred
+
+
+def flux_error_per_image(truth: np.ndarray, estimate: np.ndarray) -> np.ndarray:
+    """|sum(estimate) - sum(truth)| / sum(truth) of each image, shape (N,)."""
+    truth, estimate = _pair(truth, estimate)
+    total = truth.sum(axis=(1, 2))
+    return np.abs(estimate.sum(axis=(1, 2)) - total) / np.maximum(total, 1e-12)
+
+
+def consistency_rms_per_image(
+    estimate: np.ndarray, lr: np.ndarray, operator: Degradation, batch_size: int = 256
+) -> np.ndarray:
+    """RMS over pixels of ``lr - (a D(estimate) + b)`` of each image (LR units), shape (N,)."""
+    estimate, lr = _as_stack(estimate), _as_stack(lr)
+    values = []
+    with torch.no_grad():
+        for start in range(0, len(estimate), batch_size):
+            hr = torch.from_numpy(estimate[start : start + batch_size, None])
+            low = torch.from_numpy(lr[start : start + batch_size, None])
+            residual = fitted_residual(operator(hr), low)
+            values.append(residual.pow(2).mean(dim=(1, 2, 3)).sqrt().numpy())
+    return np.concatenate(values)
+
+
+def physics_metrics(
+    truth: np.ndarray,
+    estimate: np.ndarray,
+    lr: np.ndarray,
+    operator: Degradation,
+    lr_noise: np.ndarray | None = None,
+) -> dict[str, float]:
+    """``flux_error`` and ``consistency_rms`` of HR ``estimate`` against ``truth`` and its ``lr``
+    input, and ``consistency_chi`` when each LR image's noise RMS ``lr_noise`` is known."""
+    rms = consistency_rms_per_image(estimate, lr, operator)
+    metrics = {
+        "flux_error": float(np.mean(flux_error_per_image(truth, estimate))),
+        "consistency_rms": float(np.mean(rms)),
+    }
+    if lr_noise is not None:
+        metrics["consistency_chi"] = float(np.mean(rms / np.maximum(np.asarray(lr_noise), 1e-12)))
+    return metrics
 
 
 def gaussian_window(dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -195,6 +319,20 @@ class TrainValidationLoss(nn.Module):
         return self.validation_loss(prediction, target)
 
 
+class ConsistencyLoss(nn.Module):
+    """``loss(prediction, target) + weight * MSE(D(prediction), D(target))``: the trial's loss
+    plus the disagreement of prediction and target once both are degraded to the LR grid by the
+    study's operator ``D`` (the target's degraded image is the LR image without its noise)."""
+
+    def __init__(self, loss: nn.Module, operator: Degradation, weight: float):
+        super().__init__()
+        self.loss, self.operator, self.weight = loss, operator, float(weight)
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        consistency = F.mse_loss(self.operator(prediction), self.operator(target))
+        return self.loss(prediction, target) + self.weight * consistency
+
+
 SR_LOSSES: dict[str, type[nn.Module]] = {
     "l1": nn.L1Loss,
     "mse": nn.MSELoss,
@@ -203,8 +341,16 @@ SR_LOSSES: dict[str, type[nn.Module]] = {
 }
 
 
-def sr_loss(name: str) -> nn.Module:
-    """The training loss by name (one of SR_LOSSES)."""
+def sr_loss(
+    name: str, consistency_weight: float = 0.0, operator: Degradation | None = None
+) -> nn.Module:
+    """The training loss by name (one of SR_LOSSES), with the ``consistency`` term of
+    ``operator`` when ``consistency_weight`` is positive."""
     if name not in SR_LOSSES:
         raise ValueError(f"unknown SR loss {name!r}; allowed: {', '.join(SR_LOSSES)}")
-    return SR_LOSSES[name]()
+    loss = SR_LOSSES[name]()
+    if consistency_weight > 0:
+        if operator is None:
+            raise ValueError("a consistency weight needs the study's degradation operator")
+        return ConsistencyLoss(loss, operator, consistency_weight)
+    return loss

@@ -124,17 +124,23 @@ def test_second_prepare_hits_the_cache(prepared):
     assert prepared.cache_hit is False
 
 
-def test_trial_attrs_and_bicubic_baseline(prepared):
+def test_trial_attrs_and_interpolation_baselines(prepared):
     attrs = prepared.trial_attrs()
     assert attrs["n_train"] == 16 and attrs["n_test"] == 4
     assert attrs["lr_shape"] == [16, 16] and attrs["hr_shape"] == [32, 32]
-    (bicubic,) = attrs["baselines"]
-    assert bicubic["key"] == "bicubic" and bicubic["description"]
-    assert 5 < bicubic["metrics"]["psnr"] < 60 and 0 < bicubic["metrics"]["ssim"] < 1
+    assert attrs["degradation"] == {"psf_fwhm_hr_pixels": 0.0, "binning": 2}  # Model 1
+    bicubic, bilinear = attrs["baselines"]
+    assert (bicubic["key"], bilinear["key"]) == ("bicubic", "bilinear")
+    for row in (bicubic, bilinear):
+        assert row["description"] and 5 < row["metrics"]["psnr"] < 60
+        assert 0 < row["metrics"]["ssim"] < 1 and row["metrics"]["consistency_chi"] > 0
+        assert 0 <= row["metrics"]["flux_error"] < 1
+    assert bicubic["metrics"] != bilinear["metrics"]
     json.dumps(attrs)
     data = prepared.data
-    assert data["test_bicubic"].shape == data["test_hr"].shape
-    assert data["test_bicubic"].min() >= 0 and data["test_bicubic"].max() <= 1
+    for mode in ("bicubic", "bilinear"):
+        assert data[f"test_{mode}"].shape == data["test_hr"].shape
+        assert data[f"test_{mode}"].min() >= 0 and data[f"test_{mode}"].max() <= 1
 
 
 def test_data_seed_and_options_change_the_dataset(prepared):
