@@ -18,7 +18,9 @@ train                  ``training_data(config)``, ``loss(config)``, ``validation
 score                  ``score(model, config, ctx)`` -> metrics of the test set
 figure                 ``figure(model, path)`` (optional)
 engine extras          ``check_options``, ``check_metrics``, ``baseline_table(noise_levels)``
-                       (``lensnas baseline``), ``report_sections(study_attrs, best)``
+                       (``lensnas baseline``), ``report_sections(study_attrs, best)``,
+                       ``examples(split)`` and ``reference_errors()`` (networks that return
+                       numbers: the inspector's probe, the calibration of uncertainties)
 =====================  ==================================================================
 
 A trial's metrics are a flat ``{name: float}``; metrics that belong together (one noise
@@ -173,6 +175,19 @@ class ReportSection:
     section_id: str
     title: str
     html: str
+
+
+@dataclass(frozen=True)
+class ReferenceErrors:
+    """The reference estimator's own per-example estimates and 1-sigma errors on the test set,
+    beside which a network's uncertainties are calibrated; ``unavailable`` says why there are
+    none (then the arrays are None)."""
+
+    name: str
+    description: str
+    estimates: np.ndarray | None = None  # (N, C), NaN where the estimator failed
+    sigmas: np.ndarray | None = None  # (N, C)
+    unavailable: str = ""
 
 
 @dataclass
@@ -422,6 +437,17 @@ class Objective:
     def baseline_notes(self) -> list[str]:
         """Lines printed under the ``lensnas baseline`` table (e.g. an estimator not installed)."""
         return []
+
+    def examples(self, split: str) -> tuple[Any, np.ndarray]:
+        """The network inputs of ``split`` ("validation" or "test") and the numbers the network
+        should return for them, (N, C): for objectives whose networks return numbers."""
+        raise OptionError(f"objective '{self.name}' gives no labelled examples (its networks "
+                          "return images)")
+
+    def reference_errors(self) -> ReferenceErrors | None:
+        """The reference estimator's per-example estimates and errors on the test set, to
+        calibrate uncertainties against (default: None, no reference estimator)."""
+        return None
 
     def baseline_table(self, noise_levels: list[float] | None = None) -> list[Baseline]:
         """Every baseline estimator on the test set (``lensnas baseline``); ``noise_levels``

@@ -14,6 +14,7 @@ from lensnas.objectives.base import (
     Baseline,
     Metric,
     Objective,
+    ReferenceErrors,
     ReportSection,
     TrialContext,
     TrialRecord,
@@ -265,6 +266,17 @@ class ShearObjective(Objective):
     def inputs(self, split: str, name: str = "images") -> StampInputs:
         """The network inputs for one split (``name`` = "images" or, for test, "images_minus")."""
         return self.stamp_inputs(self.data[f"{split}.{name}"])
+
+    def examples(self, split: str) -> tuple[StampInputs, np.ndarray]:
+        """The stamps of ``split`` and their shears (N, 2)."""
+        return self.inputs(split), np.asarray(self.data[f"{split}.labels"])
+
+    def reference_errors(self) -> ReferenceErrors:
+        """The reference's per-galaxy estimates of the test set and their errors (noise
+        resampling: :mod:`lensnas.objectives.shear_uncertainty`)."""
+        from lensnas.objectives.shear_uncertainty import reference_errors
+
+        return reference_errors(self)
 
     def stamp_inputs(self, images: np.ndarray) -> StampInputs:
         """Network inputs for (N, H, W) stamps of this study's simulation."""

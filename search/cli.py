@@ -85,6 +85,34 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_argument(export)
     export.add_argument("--top", type=int, default=3, help="how many of the best trials (default: 3)")
     export.add_argument("-o", "--output", default="best", help="folder (default: best/)")
+    uncertainty = export.add_argument_group(
+        "uncertainty (one network returning each output's mean and sigma, calibrated on the "
+        "test set)").add_mutually_exclusive_group()
+    uncertainty.add_argument("--ensemble", type=int, default=0, metavar="K",
+                             help="a deep ensemble of the top K trials")
+    uncertainty.add_argument("--seeds", type=int, default=0, metavar="K",
+                             help="the best trial (or --trial) and K-1 copies retrained with "
+                                  "other training seeds")
+    uncertainty.add_argument("--mc-dropout", type=int, default=0, metavar="N",
+                             help="N fixed dropout masks of the best trial (or --trial); needs "
+                                  "a network trained with dropout > 0")
+    export.add_argument("--trial", type=int, default=None,
+                        help="the trial of --seeds or --mc-dropout (default: the best)")
+    export.add_argument("--cache-dir", default=None,
+                        help="dataset cache, for --ensemble/--seeds/--mc-dropout (default: "
+                             "$LENSNAS_CACHE_DIR or ~/.cache/lensnas)")
+
+    inspect = commands.add_parser(
+        "inspect", help="a trial's layers (receptive fields), feature maps and where shape "
+                        "information is lost"
+    )
+    inspect.add_argument("study_name")
+    _storage_argument(inspect)
+    inspect.add_argument("--trial", type=int, default=None, help="trial number (default: the best)")
+    inspect.add_argument("-o", "--output", default=None,
+                         help="HTML file (default: <study>-trial-<N>-inspect.html)")
+    inspect.add_argument("--cache-dir", default=None,
+                         help="dataset cache (default: $LENSNAS_CACHE_DIR or ~/.cache/lensnas)")
 
     predict = commands.add_parser(
         "predict", help="apply an exported network to images (.npy, FITS, folders, .zip)"
@@ -217,8 +245,33 @@ def _export(args: argparse.Namespace) -> int:
     from lensnas.search.export import export_study
 
     url = args.storage or default_storage_url()
-    for folder in export_study(load_study(args.study_name, url), url, args.output, args.top):
+    study = load_study(args.study_name, url)
+    if args.ensemble or args.seeds or args.mc_dropout:
+        from lensnas.search.uncertainty import export_uncertainty
+
+        folder = export_uncertainty(
+            study, url, args.output, ensemble=args.ensemble, seeds=args.seeds,
+            mc_dropout=args.mc_dropout, trial_number=args.trial, cache_dir=args.cache_dir)
+        print(f"exported {folder} (calibration in {folder / 'MODEL_CARD.md'})")
+        return 0
+    if args.trial is not None:
+        raise OptionError("--trial: goes with --seeds or --mc-dropout")
+    for folder in export_study(study, url, args.output, args.top):
         print(f"exported {folder}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lensnas.search.inspector import write_inspection
+
+    url = args.storage or default_storage_url()
+    study = load_study(args.study_name, url)
+    path, inspections = write_inspection(study, url, args.output, args.trial, args.cache_dir)
+    for inspection in inspections:
+        probe = inspection.probe
+        blocks = ", ".join(f"{b} {v:.3g}" for b, v in zip(probe.get("blocks", []), probe.get("rmse", [])))
+        print(f"{inspection.label}: {len(inspection.layers)} layers; probe RMSE by block: {blocks or 'none'}")
+    print(f"layers, feature maps and probe written to {path}")
     return 0
 
 
@@ -244,7 +297,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "launch": _launch, "status": _status, "baseline": _baseline, "dashboard": _dashboard, "report": _report,
-    "export": _export, "predict": _predict, "serve": _serve,
+    "export": _export, "predict": _predict, "inspect": _inspect, "serve": _serve,
 }
 
 

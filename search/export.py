@@ -245,7 +245,7 @@ def _reference_text(study: optuna.Study, trial: FrozenTrial) -> str:
     )
 
 
-def _data_configuration(study: optuna.Study) -> dict[str, Any]:
+def data_configuration(study: optuna.Study) -> dict[str, Any]:
     """The study's objective options and training settings (defaults filled in when valid)."""
     try:
         stored = study_spec(study)
@@ -319,7 +319,7 @@ def model_card(
         "The study's `[objective]` and `[training]` settings:",
         "",
         "```json",
-        json.dumps(_data_configuration(study), indent=1, default=str),
+        json.dumps(data_configuration(study), indent=1, default=str),
         "```",
         "",
         "## Architecture",

@@ -12,7 +12,8 @@ dilation do not apply to it). ``attention = "cbam"`` puts CBAM in every block, b
 residual addition (as the CBAM paper and ShearNet do). With ``psf_branch`` the input's
 channel 2 (the PSF image) goes through ForkLens's small PSF CNN and its features join the
 galaxy features before the head. The head is a global average pool or flatten + dense
-(optionally GroupNorm on its hidden units), ending in 2 outputs (g1, g2).
+(optionally GroupNorm on its hidden units), ending in 2 outputs (g1, g2); ``dropout`` > 0 puts a
+dropout layer before its last linear layer (active in training, and in MC dropout exports).
 """
 
 from __future__ import annotations
@@ -129,10 +130,13 @@ class ShearCNN(nn.Module):
             features += psf_channels if gap else psf_channels * psf_size * psf_size
         # The head's first `reduced` layers turn a feature map into a vector (no weights): the
         # galaxy and PSF maps are reduced apart, concatenated, then go through the rest.
+        # Dropout (training only, and MC dropout exports) acts before the last linear layer.
+        dropout = [nn.Dropout(config["dropout"])] if config.get("dropout", 0.0) > 0 else []
+        self.hidden = None
         if gap:
             self.reduced = 2
             self.head = nn.Sequential(
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(features, outputs)
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), *dropout, nn.Linear(features, outputs)
             )
         else:
             units = config["dense_units"]
@@ -149,8 +153,19 @@ class ShearCNN(nn.Module):
                 nn.Linear(features, units),
                 *hidden_norm,
                 activation(config["activation"]),
+                *dropout,
                 nn.Linear(units, outputs),
             )
+            self.hidden = len(self.head) - 2 - len(dropout)  # the activation of the hidden units
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The stages of the galaxy path in order, named: the stem (if any), each block, and a
+        dense head's hidden units (after their activation); what the inspector looks at."""
+        stages = [] if isinstance(self.stem, nn.Identity) else [("stem", self.stem)]
+        stages += [(f"block {i + 1}", block) for i, block in enumerate(self.features)]
+        if self.hidden is not None:
+            stages.append(("dense hidden", self.head[self.hidden]))
+        return stages
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.input_scale
@@ -271,7 +286,7 @@ SHEARNET_CNN = {
 # not pooled; flatten (27 * 27 * 96 at 53x53) -> dense 128 -> GroupNorm(8) -> ReLU -> 2.
 # Built layer for layer; differences: PyTorch's default initialisation (Flax: LeCun normal),
 # GroupNorm epsilon 1e-5 (Flax 1e-6), input/output scaling inside the network (ShearNet
-# standardises labels outside it), no dropout option (ShearNet's default is none).
+# standardises labels outside it), no dropout (ShearNet's default is none; here dropout = 0).
 RESEARCH_BACKED = {
     **SHEARNET_CNN,
     "block": "multiscale",
@@ -298,8 +313,9 @@ FORK_LIKE = {**RESEARCH_BACKED, "psf_branch": True}
 SHEAR_CNN = Family(
     name="shear_cnn",
     # 2: symmetrize, block, attention, psf_branch, multiscale_fusion, stem_width, pool_last,
-    # head_norm (version-1 exports load with their defaults: the version-1 network)
-    version=2,
+    # head_norm (version-1 exports load with their defaults: the version-1 network); 3: dropout
+    # (version-2 exports load with dropout 0: the same network)
+    version=3,
     build=build_shear_cnn,
     rules={
         "kernel_size": Range(1, 15, integer=True),
@@ -323,6 +339,7 @@ SHEAR_CNN = Family(
         "augment": Choice(("none", "d4")),  # each batch under a random D4 element
         "fresh_noise": Choice((True, False)),  # new pixel noise every epoch
         "symmetrize": Choice((True, False)),  # the network averaged over D4 (also exported)
+        "dropout": Range(0.0, 0.9),  # before the head's last layer; 0 = none (MC dropout export)
         **TRAINING_RULES,
     },
     # The defaults are ShearNet's network, so a space that fixes nothing searches around it.
@@ -332,12 +349,13 @@ SHEAR_CNN = Family(
         "augment": "none",
         "fresh_noise": False,
         "symmetrize": False,
+        "dropout": 0.0,
         "learning_rate": 1e-3,
         "batch_size": 64,
         "epochs": 10,
         "weight_decay": 0.0,
     },
-    architecture_keys=(*SHEARNET_CNN, "symmetrize"),
+    architecture_keys=(*SHEARNET_CNN, "symmetrize", "dropout"),
     example_input=example_stamps,
     describe_io=describe_stamps,
     check_input=check_stamps,

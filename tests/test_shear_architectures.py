@@ -243,9 +243,9 @@ def test_a_version_1_architecture_still_loads(tmp_path):
     assert loaded(torch.zeros(2, 1, 53, 53)).shape == (2, 2)
 
 
-def test_a_version_2_architecture_must_name_the_new_keys():
+def test_a_current_architecture_must_name_every_key():
     config = SHEAR_CNN.architecture({})
     del config["block"]
-    spec = {"family": "shear_cnn", "version": 2, "config": config, "image_size": 25}
+    spec = {"family": "shear_cnn", "version": SHEAR_CNN.version, "config": config, "image_size": 25}
     with pytest.raises(spaces.ArchitectureError, match=r"config\.block: missing"):
         build(spec)
