@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,14 +109,16 @@ def calibration_row(name: str, values: dict[str, Any]) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- members
 
 
+@dataclass
 class Member:
     """One network of an uncertainty export: where it comes from, its architecture, the network
-    with its weights, and its own test metrics."""
+    with its weights, its own test metrics and its training seed."""
 
-    def __init__(self, label: str, spec: dict[str, Any], network: nn.Module,
-                 metrics: dict[str, Any], seed: Any):
-        self.label, self.spec, self.network, self.metrics, self.seed = (
-            label, spec, network, metrics, seed)
+    label: str
+    spec: dict[str, Any]
+    network: nn.Module
+    metrics: dict[str, Any]
+    seed: Any
 
 
 def stored_member(trial: FrozenTrial, storage_url: str, folder: Path) -> Member:
