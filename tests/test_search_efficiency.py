@@ -67,5 +67,6 @@ def test_micro_run_prints_every_table(tmp_path):
     assert float(flattest.split()[0]) <= float(abs_m)
     assert re.search(r"ShearNet's ranking \(validation loss\) picked a trial that is not the best "
                      r"by test rmse_over_crb in [01] of 1 seeds, and not the one with the smallest "
-                     r"\|m\| in [01] of 1\.", ranking_part)
+                     rf"\|m\| in [01] of 1; the picked trial's rmse_over_crb over the grid's best: "
+                     rf"{SPREAD}\.", ranking_part)
     assert re.search(r"^18 trials \(0 failed\) in [0-9.]+ min", out, re.MULTILINE)
