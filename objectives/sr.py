@@ -144,13 +144,14 @@ class SRObjective(Objective):
         "psnr_gain": Metric("maximize", "PSNR minus the bicubic upsampling's PSNR (dB)", summary=True),
         "ssim_gain": Metric("maximize", "SSIM minus the bicubic upsampling's SSIM", summary=True),
         "mse": Metric("minimize", "mean squared error against HR"),
-        "flux_error": Metric("minimize", "|total flux of SR - HR's| / HR's, per image, averaged"),
+        "flux_error": Metric(
+            "minimize", "|total flux of SR - HR's| / HR's, per image, averaged", summary=True),
         "consistency_rms": Metric(
             "minimize", "RMS of the LR input minus the SR image degraded by the study's PSF and "
-            "binning (best gain and offset), in LR [0, 1] units"),
+            "binning (best gain and offset), in LR [0, 1] units", summary=True),
         "consistency_chi": Metric(
             "minimize", "consistency_rms in units of the LR image's noise RMS (simulated data; "
-            "1: as consistent as the noise allows)"),
+            "1: as consistent as the noise allows)", summary=True),
         "validation_score": Metric("maximize", "best per-epoch validation PSNR gain over bicubic (dB)"),
         "n_params": Metric("minimize", "trainable parameters"),
         "train_seconds": Metric("minimize", "training time in seconds"),
@@ -417,7 +418,7 @@ def _check_instrument(options: dict[str, Any], prefix: str) -> None:
         if key in non_negative:
             require(value >= 0, f"{prefix}.{key}", f"must be >= 0, got {value}")
         options[key] = float(value)
-    if options["hr_psf_fwhm"] is not None and options["source"] in SOURCES[:-1]:
+    if options["hr_psf_fwhm"] is not None and options["source"] != "folder":
         psf = options["psf_fwhm"]
         psf = instrument_preset(options["source"])["psf_fwhm"] if psf is None else psf
         require(

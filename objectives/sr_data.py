@@ -356,7 +356,8 @@ class LensSimulator:
         self, hr_clean: np.ndarray, lr_clean: np.ndarray, rng: np.random.Generator
     ) -> SimulatedPair:
         """The observed LR and the HR target of one noiseless pair."""
-        lr = observe(lr_clean, self._exposure("exposure_time", rng), self.config["background_rms"], rng)
+        exposure = self._exposure("exposure_time", rng)
+        lr = observe(lr_clean, exposure, self.config["background_rms"], rng)
         hr = hr_clean
         if self.config["hr_exposure_time"][1] > 0:
             exposure = self._exposure("hr_exposure_time", rng)
@@ -452,9 +453,13 @@ NPY_SUFFIXES = (".npy",)
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
 UNIT_RANGE_TOLERANCE = 0.1  # unnormalised folders: values within this of [0, 1] are clipped
 # LR/LR_12.npy, HR/hr-0012.fits: a leading or trailing LR/HR tag around the pair's key
-_SIDE_TAG = re.compile(r"^(?:lr|hr)[_\-. ]?(?P<head>.+)$|^(?P<tail>.+?)[_\-. ]?(?:lr|hr)$", re.IGNORECASE)
+_SIDE_TAG = re.compile(
+    r"^(?:lr|hr)[_\-. ]?(?P<head>.+)$|^(?P<tail>.+?)[_\-. ]?(?:lr|hr)$", re.IGNORECASE
+)
 # train_LR.npy, val_hr.fits: stacked splits directly in the folder
-_STACK_NAME = re.compile(r"^(?P<split>train|validation|val|test)[_\-]?(?P<side>lr|hr)$", re.IGNORECASE)
+_STACK_NAME = re.compile(
+    r"^(?P<split>train|validation|val|test)[_\-]?(?P<side>lr|hr)$", re.IGNORECASE
+)
 
 
 class PairFiles(NamedTuple):
