@@ -51,6 +51,7 @@ from lensnas.objectives.sr_metrics import (
     sr_loss,
     upsample,
 )
+from lensnas.objectives.sr_training import check_scale, load_denoiser, training_step
 from lensnas.objectives.training import predict
 from lensnas.spaces.dimensions import SpaceError
 from lensnas.spaces.errors import DataError
@@ -120,6 +121,9 @@ OPTIONS: dict[str, Any] = {
     "test_fraction": 0.1,  # carved from train when there is no LR/test.npy
     "normalize": True,  # min-max each image to [0, 1]; false only for folders already in [0, 1]
     "eval_batch_size": 32,
+    # denoised_sisr: an exported denoise_net folder, its frozen denoiser (default: trained in
+    # the trial, see lensnas.objectives.sr_training); relative to the working directory
+    "denoiser_folder": "",
 }
 
 
@@ -239,7 +243,16 @@ class SRObjective(Objective):
             _check_folder_options(options, prefix)
         else:
             require_folder_keys_unset(options, OPTIONS, FOLDER_ONLY_KEYS, prefix)
+        if options["denoiser_folder"]:
+            load_denoiser(options["denoiser_folder"])  # DataError in one line if unusable
         return options
+
+    @classmethod
+    def check_training(
+        cls, training: dict[str, Any], space: list[Any], options: dict[str, Any]
+    ) -> None:
+        """lapsrn (a backbone or sisr_backbone the space may choose) needs a power-of-2 scale."""
+        check_scale(training, space, options["scale"])
 
     @classmethod
     def check_metrics(
@@ -342,8 +355,17 @@ class SRObjective(Objective):
     def training_data(self, config: dict[str, Any]) -> tuple[Any, Any]:
         return self.data["train_lr"], self.data["train_hr"]
 
-    def loss(self, config: dict[str, Any]) -> torch.nn.Module:
-        return sr_loss(config["loss"], config["consistency_weight"], self.operator)
+    def architecture(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The base's, plus the exported denoiser's configuration for denoised_sisr."""
+        spec = super().architecture(params)
+        if spec["config"]["backbone"] == "denoised_sisr" and self.options["denoiser_folder"]:
+            spec["denoiser"] = load_denoiser(self.options["denoiser_folder"])[0]
+        return spec
+
+    def loss(self, config: dict[str, Any]) -> Any:
+        """The trial's loss, or for lapsrn, srgan and denoised_sisr their training step."""
+        loss = sr_loss(config["loss"], config["consistency_weight"], self.operator)
+        return training_step(config, loss, self.operator, self.options["denoiser_folder"] or None)
 
     @staticmethod
     def _mean_psnr(truth: np.ndarray, estimate: np.ndarray) -> float:

@@ -71,6 +71,39 @@ DEVICE_FRACTION = 0.5  # a training set larger than this share of free GPU memor
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
+class TrainingStep:
+    """What the shared loop does with each training batch, for objectives that need more than
+    a loss (as Ray Tune's Trainable: the loop owns the epochs, batches, the model's optimizer,
+    schedule, weight averaging, validation, best-epoch selection and pruning; a step owns the
+    loss and any work of its own, such as an adversary's update).
+
+    The base is the plain supervised step, ``loss_fn(model(x), y)``. An objective's ``loss``
+    hook returns a subclass (instead of a loss module) to change it.
+    """
+
+    def __init__(self, loss_fn: nn.Module):
+        self.loss_fn = loss_fn
+
+    def setup(self, model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, device: str,
+              seed: int) -> None:
+        """Once, before the model's optimizer is made: train or load auxiliary networks,
+        freeze parts of the model. ``train_x``, ``train_y``: the training split (on
+        ``device`` when it fits); ``seed``: the trial's."""
+
+    def loss(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             y: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The loss of one batch, minimised by the model's optimizer (``forward``: the model,
+        compiled when asked; ``epoch`` counts from 1)."""
+        return self.loss_fn(forward(x).float(), y)
+
+    def after_step(self, epoch: int) -> None:
+        """After the model's optimizer step on a batch (an adversary's own step)."""
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether the weights after ``epoch`` may be kept as the trial's best."""
+        return True
+
+
 def recipe(config: dict[str, Any]) -> dict[str, Any]:
     """The trial's recipe options: :data:`RECIPE_DEFAULTS` overlaid with ``config``."""
     return {key: config.get(key, default) for key, default in RECIPE_DEFAULTS.items()}
@@ -122,7 +155,7 @@ def train_model(
     model: nn.Module,
     train: tuple[Any, Any],
     *,
-    loss_fn: nn.Module,
+    loss_fn: nn.Module | TrainingStep,
     validation_score: Callable[[nn.Module], float],
     maximize: bool,
     score_label: str,
@@ -140,10 +173,13 @@ def train_model(
     ``options`` are the recipe (:data:`RECIPE_DEFAULTS`: schedule, optimizer, gradient
     clipping, weight averaging, precision); ``batch_transform(x, y, generator)`` changes each
     training batch (augmentation, fresh noise) with the trial's seeded generator. The training
-    set is copied once to the device when it fits. Raises TrialPruned when the context says so
-    and TrialFailed on a non-finite loss or score.
+    set is copied once to the device when it fits. ``loss_fn`` is a loss module or a
+    :class:`TrainingStep` (a loss with steps of its own: multi-level supervision, an
+    adversary); the best epoch is chosen among those the step calls selectable. Raises
+    TrialPruned when the context says so and TrialFailed on a non-finite loss or score.
     """
     options = recipe(options or {})
+    step = loss_fn if isinstance(loss_fn, TrainingStep) else TrainingStep(loss_fn)
     generator = seed_everything(ctx.seed)
     device = ctx.device
     batch_generator = torch.Generator(device=device).manual_seed(ctx.seed)
@@ -151,6 +187,7 @@ def train_model(
     if options["channels_last"] and device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
     train_x, train_y = (as_device_tensor(a, device) for a in train)
+    step.setup(model, train_x, train_y, device, ctx.seed)
     optimizer = _optimizer(model, options, learning_rate, weight_decay)
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
     scheduler = _scheduler(optimizer, options, learning_rate, epochs * steps_per_epoch, maximize)
@@ -179,13 +216,14 @@ def train_model(
                 x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                loss = loss_fn(forward(x).float(), y)
+                loss = step.loss(forward, x, y, epoch)
             if not torch.isfinite(loss):
                 raise TrialFailed(f"non-finite training loss ({float(loss.detach())}) at epoch {epoch}")
             loss.backward()
             if options["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), options["grad_clip"])
             optimizer.step()
+            step.after_step(epoch)
             if per_batch:
                 scheduler.step()
             if averaged is not None:
@@ -201,7 +239,7 @@ def train_model(
         history.append(score)
         ctx.report(epoch, score)
         ctx.log(f"epoch {epoch}/{epochs} {score_label} {score:.4g}")
-        if best_state is None or sign * score < sign * best_score:
+        if step.selectable(epoch) and (best_state is None or sign * score < sign * best_score):
             best_score = score
             best_state = copy.deepcopy(evaluated.state_dict())
         if ctx.should_prune():
