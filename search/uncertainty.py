@@ -328,7 +328,8 @@ CALIBRATION_NOTE = (
     "within 1 (2) sigma of the estimate; calibrated Gaussian errors give 68.3% (95.4%). "
     "Predicted / actual scatter: RMS sigma over the RMSE of the estimate (1 when the sigmas "
     "are right on average; below 1, overconfident). A deep ensemble's sigma is the spread of "
-    "its members, which leaves out the noise every member shares: it is usually overconfident."
+    "its members: it leaves out the errors they all share (the stamp's pixel noise, a common "
+    "bias)."
 )
 
 
@@ -420,7 +421,7 @@ def report_section(study_attrs: dict[str, Any]) -> str | None:
         rows.append(export_row)
         references.setdefault(reference_row[0], (reference_row, record["reference"]))
     rows += [row for row, _ in references.values()]
-    described = [f"{ref['name']}: {ref['description']}." for _, ref in references.values()
+    described = [f"Reference: {ref['description']}." for _, ref in references.values()
                  if ref.get("description")]
     return (note(CALIBRATION_NOTE) + html_table(CALIBRATION_HEADER, rows, "calibration-table")
             + "".join(note(line) for line in described))
