@@ -30,6 +30,8 @@ from lensnas.search.study import (
     fail_trial,
     heartbeat,
     mark_worker,
+    storage_of,
+    stored_trial_id,
 )
 
 WAIT_SECONDS = 2.0
@@ -110,12 +112,27 @@ def run_claimed_trial(
         try:
             values = evaluate(spec, objective, trial, device, artifact_root, on_log)
         except optuna.TrialPruned:
-            return study.tell(trial, state=TrialState.PRUNED)
+            return tell(study, trial, state=TrialState.PRUNED)
         except KeyboardInterrupt:
             fail_trial(study, trial.number, INTERRUPTED)
             raise
         except Exception:  # noqa: BLE001 - any error of a trial is that trial's FAIL (reason stored)
-            return study.tell(trial, state=TrialState.FAIL)
+            return tell(study, trial, state=TrialState.FAIL)
     if not all(math.isfinite(v) for v in values):
-        return study.tell(trial, state=TrialState.FAIL)
-    return study.tell(trial, values)
+        return tell(study, trial, state=TrialState.FAIL)
+    return tell(study, trial, values)
+
+
+def tell(
+    study: optuna.Study, trial: optuna.Trial, values: Any = None, state: TrialState | None = None
+) -> optuna.trial.FrozenTrial:
+    """``study.tell``, where the grid sampler's wish to stop once its grid is done is not an
+    error: its ``after_trial`` calls ``study.stop()``, which raises outside ``study.optimize``,
+    after Optuna has stored the trial's state (a ``finally``); the study's ``n_trials`` ends it."""
+    try:
+        return study.tell(trial, values, state=state)
+    except RuntimeError as error:
+        if "Study.stop" not in str(error):
+            raise
+        storage = storage_of(study)
+        return storage.get_trial(stored_trial_id(storage, study.study_name, trial.number))

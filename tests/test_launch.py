@@ -210,3 +210,18 @@ def test_unusable_paths_and_ports_are_one_line_errors(tmp_path, capsys):
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (what, err)
         assert ("a-file" in err) if what != "--port" else ("must be 0-65535" in err), (what, err)
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["empty"]  # nothing stored
+
+
+def test_a_grid_study_runs_its_whole_grid_and_ends(tmp_path):
+    """Optuna's grid sampler calls study.stop() once its grid is done, an error outside
+    study.optimize: the last grid point is stored COMPLETE and the launch ends cleanly."""
+    study_file = write_tiny_shear_study(tmp_path, n_trials=2, epochs=1)
+    text = study_file.read_text().replace('sampler = "tpe"', 'sampler = "grid"')
+    text = text.replace('presets = ["shearnet_cnn"]', "presets = []")
+    text = text[:text.index("[space]")] + '[space]\nwidth = { type = "categorical", choices = [4, 8] }\n'
+    study_file.write_text(text)
+    storage = f"sqlite:///{tmp_path}/grid.db"
+    assert main(["launch", str(study_file), "--storage", storage, "--quiet"]) == 0
+    trials = _load(storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert sorted(t.params["width"] for t in trials) == [4, 8]
