@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore")
     size = QUICK if args.quick else FULL
-    console = Console(width=160)
+    console = Console(width=160, soft_wrap=True)  # tables at 160 columns; sentences unwrapped
     console.print(
         f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start; shear: "
         f"{size.n_train}/{size.n_validation}/{size.n_test} galaxies (train/validation/test), "
