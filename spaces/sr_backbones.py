@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lensnas.spaces.sr_layers import ResidualBlock, conv, sr_activation, transposed_conv, upsampler
+from lensnas.spaces.sr_layers import (
+    ResidualBlock,
+    conv,
+    reconstruction,
+    sr_activation,
+    transposed_conv,
+    upsampler,
+)
 
 MLP_RATIO = 4  # hidden units of a transformer block's feed-forward layer per embedding unit
 LAPSRN_KERNEL = 4  # LapSRN's 4x4 transposed convolutions (stride 2)
@@ -202,11 +209,7 @@ class ViTHybridBody(nn.Module):
             TransformerStage(width, config),
             conv(width, width, 3),
         )
-        self.tail = nn.Sequential(
-            upsampler(config["upsampler"], width, width, scale, 3),
-            sr_activation(config["activation"], width),
-            conv(width, in_channels, kernel_size),
-        )
+        self.tail = reconstruction(config, width, in_channels, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.head(x)

@@ -61,6 +61,16 @@ def upsampler(
     raise ValueError(f"unknown upsampler {kind!r}; allowed: {', '.join(UPSAMPLERS)}")
 
 
+def reconstruction(config: dict[str, Any], width: int, out_channels: int, scale: int) -> nn.Sequential:
+    """The SRResNet/EDSR tail: upsample ``width`` features by ``scale``, the activation, then a
+    ``kernel_size`` convolution to the image's channels."""
+    return nn.Sequential(
+        upsampler(config["upsampler"], width, width, scale, 3),
+        sr_activation(config["activation"], width),
+        conv(width, out_channels, config["kernel_size"]),
+    )
+
+
 def bicubic(x: torch.Tensor, scale: int) -> torch.Tensor:
     """Bicubic upsampling (align_corners=False), not clamped."""
     return F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)

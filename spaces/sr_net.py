@@ -57,6 +57,7 @@ from lensnas.spaces.sr_layers import (
     ResidualBlock,
     bicubic,
     conv,
+    reconstruction,
     sr_activation,
     upsampler,
 )
@@ -81,11 +82,7 @@ class ResNetBody(nn.Module):
             conv(width, width, 3),
             normalization(config["normalization"], width),
         )
-        self.tail = nn.Sequential(
-            upsampler(config["upsampler"], width, width, scale, 3),
-            sr_activation(config["activation"], width),
-            conv(width, in_channels, kernel_size),
-        )
+        self.tail = reconstruction(config, width, in_channels, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.head(x)
