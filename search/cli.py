@@ -88,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     uncertainty = export.add_argument_group(
         "uncertainty (one network returning each output's mean and sigma, calibrated on the "
         "test set)").add_mutually_exclusive_group()
-    uncertainty.add_argument("--ensemble", type=int, default=0, metavar="K",
+    uncertainty.add_argument("--ensemble", type=int, default=None, metavar="K",
                              help="a deep ensemble of the top K trials")
-    uncertainty.add_argument("--seeds", type=int, default=0, metavar="K",
+    uncertainty.add_argument("--seeds", type=int, default=None, metavar="K",
                              help="the best trial (or --trial) and K-1 copies retrained with "
                                   "other training seeds")
-    uncertainty.add_argument("--mc-dropout", type=int, default=0, metavar="N",
+    uncertainty.add_argument("--mc-dropout", type=int, default=None, metavar="N",
                              help="N fixed dropout masks of the best trial (or --trial); needs "
                                   "a network trained with dropout > 0")
     export.add_argument("--trial", type=int, default=None,
@@ -246,7 +246,7 @@ def _export(args: argparse.Namespace) -> int:
 
     url = args.storage or default_storage_url()
     study = load_study(args.study_name, url)
-    if args.ensemble or args.seeds or args.mc_dropout:
+    if any(count is not None for count in (args.ensemble, args.seeds, args.mc_dropout)):
         from lensnas.search.uncertainty import export_uncertainty
 
         folder = export_uncertainty(

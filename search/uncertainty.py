@@ -173,22 +173,24 @@ def has_dropout(network: nn.Module) -> bool:
 
 
 def export_uncertainty(
-    study: optuna.Study, storage_url: str, output: str | Path = "best", *, ensemble: int = 0,
-    seeds: int = 0, mc_dropout: int = 0, trial_number: int | None = None,
+    study: optuna.Study, storage_url: str, output: str | Path = "best", *,
+    ensemble: int | None = None, seeds: int | None = None, mc_dropout: int | None = None, trial_number: int | None = None,
     cache_dir: str | Path | None = None, device: str = "auto",
 ) -> Path:
     """Export one network with an uncertainty (deep ensemble of the top ``ensemble`` trials,
     ``seeds`` training seeds of one trial, or ``mc_dropout`` dropout masks of one trial) into a
     folder under ``output``, calibrated on the test set; returns the folder."""
     chosen = {name: value for name, value in
-              (("--ensemble", ensemble), ("--seeds", seeds), ("--mc-dropout", mc_dropout)) if value}
+              (("--ensemble", ensemble), ("--seeds", seeds), ("--mc-dropout", mc_dropout))
+              if value is not None}
     if len(chosen) != 1:
         raise OptionError("give one of --ensemble K, --seeds K or --mc-dropout N")
     (flag, count), = chosen.items()
     if count < 2:
         raise OptionError(f"{flag}: must be at least 2 (a spread needs two), got {count}")
-    if ensemble and trial_number is not None:
+    if ensemble is not None and trial_number is not None:
         raise OptionError("--trial: goes with --seeds or --mc-dropout (--ensemble takes the top K)")
+    ensemble, seeds, mc_dropout = ensemble or 0, seeds or 0, mc_dropout or 0  # the others: 0
     device = resolve_device(device, "--device")
     family = spaces.family(study_objective_family(study))
     try:

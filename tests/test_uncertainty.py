@@ -211,6 +211,9 @@ def test_mc_dropout_of_a_network_without_dropout_is_one_line(study, tmp_path, ca
     assert len(error.splitlines()) == 1 and "has no dropout (dropout = 0)" in error
     assert main(["export", "tiny5", "--storage", study.url, "--ensemble", "1"]) == 2
     assert "--ensemble: must be at least 2" in capsys.readouterr().err
+    assert main(["export", "tiny5", "--storage", study.url, "--ensemble", "0", "-o",
+                 str(tmp_path)]) == 2  # not a plain export of the top trials
+    assert "--ensemble: must be at least 2 (a spread needs two), got 0" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
