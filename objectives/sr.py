@@ -12,7 +12,6 @@ operator's consistency term to the training loss.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -55,13 +54,11 @@ from lensnas.objectives.sr_training import check_scale, load_denoiser, training_
 from lensnas.objectives.training import predict
 from lensnas.spaces.dimensions import SpaceError
 from lensnas.spaces.errors import DataError
-from lensnas.spaces.family import Range
 from lensnas.spaces.sr_net import SR_NET
 
 logger = logging.getLogger("lensnas.sr")
 
 DATASET_VERSION = 2
-MAX_CONSISTENCY_WEIGHT = 1000.0
 
 # Allowed values of the physical ranges: (lowest, highest, whether the lowest is excluded).
 RANGE_BOUNDS: dict[str, tuple[float, float, bool]] = {
@@ -127,20 +124,11 @@ OPTIONS: dict[str, Any] = {
 }
 
 
-# SR_NET with the objective's own training key: the weight of the consistency loss term (the
-# objective's loss, not the network's; the registered family rebuilds exports unchanged).
-SR_FAMILY = dataclasses.replace(
-    SR_NET,
-    rules={**SR_NET.rules, "consistency_weight": Range(0.0, MAX_CONSISTENCY_WEIGHT)},
-    defaults={**SR_NET.defaults, "consistency_weight": 0.0},
-)
-
-
 class SRObjective(Objective):
     """Train an SR network on lensing image pairs; score PSNR/SSIM and their gain over bicubic."""
 
     name = "sr"
-    family = SR_FAMILY
+    family = SR_NET
     OPTIONS: ClassVar[dict[str, Any]] = OPTIONS
     METRICS: ClassVar[dict[str, Metric]] = {
         "psnr": Metric("maximize", "PSNR of the SR image against HR (dB, data range 1)", summary=True),

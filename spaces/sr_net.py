@@ -64,6 +64,7 @@ from lensnas.spaces.sr_layers import (
 
 SR_LOSS_NAMES = ("l1", "mse", "charbonnier", "ssim_l1")
 MAX_WIDTH = 512
+MAX_CONSISTENCY_WEIGHT = 1000.0
 SRCNN_RECONSTRUCTION_KERNEL = 5
 FSRCNN_UPSAMPLER_KERNEL = 9
 
@@ -423,6 +424,8 @@ SR_NET = Family(
         "feature_weight": Range(0.0, 100.0),
         "feature_epochs": Range(1, 10000, integer=True),
         "loss": Choice(SR_LOSS_NAMES),
+        # the weight of the objective's consistency loss term (lensnas.objectives.sr_metrics)
+        "consistency_weight": Range(0.0, MAX_CONSISTENCY_WEIGHT),
         **TRAINING_RULES,
     },
     defaults={
@@ -438,6 +441,7 @@ SR_NET = Family(
         "feature_weight": 0.1,
         "feature_epochs": 2,
         "loss": "l1",
+        "consistency_weight": 0.0,
         "learning_rate": 1e-3,
         "batch_size": 16,
         "epochs": 20,
