@@ -30,12 +30,12 @@ from rich.console import Console
 from rich.table import Table
 
 from lensnas.objectives import Metric, Objective, ValidationScore, register_objective
-from lensnas.search.local import run_local
-from lensnas.search.ray_driver import run_ray
+from lensnas.search.executors.local import run_local
+from lensnas.search.executors.ray_driver import run_ray
 from lensnas.search.spec import StudySpec, load_spec
 from lensnas.search.storage import open_storage
 from lensnas.search.study import open_study
-from lensnas.spaces.shear_cnn import SHEAR_CNN
+from lensnas.spaces.shear.cnn import SHEAR_CNN
 
 NOOP_STUDY = """
 [study]

@@ -18,10 +18,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from lensnas.objectives import ngmix_backend
-from lensnas.objectives.reference import cpu_count, is_available, measure
-from lensnas.objectives.shear_data import metacal_benchmark_simulation, simulate_split
-from lensnas.objectives.shear_metrics import linear_bias, rmse
+from lensnas.objectives.shear import ngmix_backend
+from lensnas.objectives.shear.data import metacal_benchmark_simulation, simulate_split
+from lensnas.objectives.shear.metrics import linear_bias, rmse
+from lensnas.objectives.shear.reference import cpu_count, is_available, measure
 
 ESTIMATORS = (
     ("metacal", "metacal", {}),

@@ -51,7 +51,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lensnas.objectives import register_objective
-from lensnas.objectives.shear import ShearObjective
+from lensnas.objectives.shear.objective import ShearObjective
 from lensnas.search.launch import launch
 from lensnas.search.spec import StudySpec, spec_from_dict
 

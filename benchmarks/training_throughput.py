@@ -26,9 +26,9 @@ from rich.console import Console
 from rich.table import Table
 
 from lensnas.objectives import LocalContext
-from lensnas.objectives.shear import ShearObjective
+from lensnas.objectives.shear.objective import ShearObjective
 from lensnas.search.study import resolve_device
-from lensnas.spaces.shear_cnn import SHEARNET_CNN
+from lensnas.spaces.shear.cnn import SHEARNET_CNN
 
 
 def bare_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,

@@ -25,9 +25,9 @@ from lensnas.objectives.base import (
 
 ENTRY_POINT_GROUP = "lensnas.objectives"
 _LOCATIONS: dict[str, str] = {
-    "shear": "lensnas.objectives.shear:ShearObjective",
-    "sr": "lensnas.objectives.sr:SRObjective",
-    "denoise": "lensnas.objectives.denoise:DenoiseObjective",
+    "shear": "lensnas.objectives.shear.objective:ShearObjective",
+    "sr": "lensnas.objectives.sr.objective:SRObjective",
+    "denoise": "lensnas.objectives.denoise.objective:DenoiseObjective",
 }
 _LOADED: dict[str, type[Objective]] = {}
 

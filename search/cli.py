@@ -192,7 +192,7 @@ def _status(args: argparse.Namespace) -> int:
 def _baseline(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from lensnas.search.comparison import comparison_rows
+    from lensnas.search.results.comparison import comparison_rows
     from lensnas.search.spec import load_spec
     from lensnas.search.summary import output_console
 
@@ -226,14 +226,14 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from lensnas.search.dashboard import serve
+    from lensnas.search.results.dashboard import serve
 
     serve(args.storage or default_storage_url(), host=args.host, port=args.port)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lensnas.search.report import write_report
+    from lensnas.search.results.report import write_report
 
     url = args.storage or default_storage_url()
     path = write_report(load_study(args.study_name, url), args.output or f"{args.study_name}-report.html", url)
@@ -242,12 +242,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from lensnas.search.export import export_study
+    from lensnas.search.results.export import export_study
 
     url = args.storage or default_storage_url()
     study = load_study(args.study_name, url)
     if any(count is not None for count in (args.ensemble, args.seeds, args.mc_dropout)):
-        from lensnas.search.uncertainty import export_uncertainty
+        from lensnas.search.results.uncertainty import export_uncertainty
 
         folder = export_uncertainty(
             study, url, args.output, ensemble=args.ensemble, seeds=args.seeds,
@@ -262,7 +262,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from lensnas.search.inspector import write_inspection
+    from lensnas.search.results.inspector import write_inspection
 
     url = args.storage or default_storage_url()
     study = load_study(args.study_name, url)
@@ -276,7 +276,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from lensnas.search.predict import predict
+    from lensnas.search.results.predict import predict
 
     count = predict(
         args.exported_folder, args.inputs, args.output, hdu=args.hdu, device=args.device,
@@ -288,7 +288,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from lensnas.search.serve import serve
+    from lensnas.search.results.serve import serve
 
     serve(args.export_dir, args.storage, host=args.host, port=args.port,
           max_upload_mb=args.max_upload_mb, device=args.device, batch_size=args.batch_size)

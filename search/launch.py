@@ -10,7 +10,7 @@ import optuna
 from rich.console import Console
 
 from lensnas.objectives.cache import cache_root
-from lensnas.search.local import run_local
+from lensnas.search.executors.local import run_local
 from lensnas.search.spec import SpecError, StudySpec, load_spec
 from lensnas.search.storage import artifact_root, default_storage_url, open_storage, redact
 from lensnas.search.study import fail_abandoned_trials, finished_count, open_study, resolve_device
@@ -50,7 +50,7 @@ def launch(
     if max_failures < 0:
         raise OptionError(f"--max-failures: must be 0 (never stop) or more, got {max_failures}")
     if executor == "ray":
-        from lensnas.search.ray_driver import check_ray_options
+        from lensnas.search.executors.ray_driver import check_ray_options
 
         check_ray_options(**executor_options)  # before anything runs, even on a finished study
     if not isinstance(spec, StudySpec):
@@ -87,7 +87,7 @@ def launch(
             "console": console,
         }
         if executor == "ray":  # Ray workers choose their device on their node
-            from lensnas.search.ray_driver import run_ray
+            from lensnas.search.executors.ray_driver import run_ray
 
             failures = run_ray(spec, study, objective, storage_url=url, **common, **executor_options)
         else:

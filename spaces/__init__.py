@@ -17,9 +17,9 @@ from lensnas.spaces.loading import check_input, load
 
 ENTRY_POINT_GROUP = "lensnas.families"
 _BUILT_IN = {
-    "shear_cnn": "lensnas.spaces.shear_cnn:SHEAR_CNN",
-    "sr_net": "lensnas.spaces.sr_net:SR_NET",
-    "denoise_net": "lensnas.spaces.denoise_net:DENOISE_NET",
+    "shear_cnn": "lensnas.spaces.shear.cnn:SHEAR_CNN",
+    "sr_net": "lensnas.spaces.sr.net:SR_NET",
+    "denoise_net": "lensnas.spaces.sr.denoise:DENOISE_NET",
     "shear_cnn_ensemble": "lensnas.spaces.ensemble:SHEAR_CNN_ENSEMBLE",
 }
 _LOCATIONS: dict[str, str] = dict(_BUILT_IN)

@@ -27,7 +27,7 @@ from torch import nn
 
 from lensnas.spaces.errors import ArchitectureError
 from lensnas.spaces.family import Family
-from lensnas.spaces.shear_cnn import SHEAR_CNN
+from lensnas.spaces.shear.cnn import SHEAR_CNN
 
 ENSEMBLE_SUFFIX = "_ensemble"
 

@@ -17,11 +17,11 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from lensnas import spaces
 from lensnas.objectives import objective_class
 from lensnas.objectives.base import LocalContext, TrialPruned
-from lensnas.objectives.denoise import DenoiseObjective
-from lensnas.objectives.denoise_data import add_noise, noise_rng, noisy_splits
-from lensnas.spaces.denoise_net import DENOISE_NET, NOISE_TYPES
+from lensnas.objectives.denoise.data import add_noise, noise_rng, noisy_splits
+from lensnas.objectives.denoise.objective import DenoiseObjective
 from lensnas.spaces.dimensions import SpaceError, admits
 from lensnas.spaces.errors import DataError, StudyFileError
+from lensnas.spaces.sr.denoise import DENOISE_NET, NOISE_TYPES
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 TINY_DATA = {"source": "euclid", "lr_size": 16, "n_train": 16, "n_validation": 4, "n_test": 4}
@@ -342,7 +342,7 @@ noise_level = {{ type = "categorical", choices = [{levels}] }}
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit
 def test_launch_export_and_load(tmp_path):
     from lensnas.search import launch
-    from lensnas.search.export import export_study
+    from lensnas.search.results.export import export_study
 
     study_file = tmp_path / "denoise.toml"
     study_file.write_text(textwrap.dedent(TINY_STUDY.format(levels="0.05, 0.1")))

@@ -18,13 +18,13 @@ import torch
 from optuna.trial import TrialState
 
 from lensnas import spaces
-from lensnas.objectives.shear_metrics import rmse
+from lensnas.objectives.shear.metrics import rmse
 from lensnas.objectives.training import predict
 from lensnas.search import launch
 from lensnas.search.artifacts import artifact_store, trial_artifact_ids
 from lensnas.search.cli import main
-from lensnas.search.export import study_objective
-from lensnas.search.report import build_report
+from lensnas.search.results.export import study_objective
+from lensnas.search.results.report import build_report
 from lensnas.search.summary import best_trials
 from lensnas.spaces.loading import ArchitectureError
 from tests.conftest import write_tiny_shear_study

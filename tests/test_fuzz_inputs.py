@@ -11,7 +11,7 @@ import optuna
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lensnas.objectives.sr_data import folder_dataset
+from lensnas.objectives.sr.data import folder_dataset
 from lensnas.search.cli import main
 from lensnas.spaces.errors import DataError
 from tests.conftest import write_tiny_shear_study

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from lensnas.search.cli import main
-from lensnas.search.export import study_objective
-from lensnas.search.inspector import PROBE_RIDGE, block_features, layer_table, linear_probe
-from lensnas.search.report import build_report
+from lensnas.search.results.export import study_objective
+from lensnas.search.results.inspector import PROBE_RIDGE, block_features, layer_table, linear_probe
+from lensnas.search.results.report import build_report
 from lensnas.search.summary import best_trials
-from lensnas.spaces.shear_cnn import SHEAR_CNN, build_shear_cnn
-from lensnas.spaces.sr_net import SR_NET, build_sr_net
+from lensnas.spaces.shear.cnn import SHEAR_CNN, build_shear_cnn
+from lensnas.spaces.sr.net import SR_NET, build_sr_net
 from tests.test_uncertainty import copied_tiny_shear_study, trial_network
 
 

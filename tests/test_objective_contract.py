@@ -27,11 +27,11 @@ from lensnas.objectives import (
 )
 from lensnas.objectives.training import predict
 from lensnas.search.cli import main
-from lensnas.search.export import export_study
 from lensnas.search.launch import launch
-from lensnas.search.report import build_report
+from lensnas.search.results.export import export_study
+from lensnas.search.results.report import build_report
 from lensnas.spaces.family import Family, Range
-from lensnas.spaces.shear_cnn import TRAINING_RULES
+from lensnas.spaces.shear.cnn import TRAINING_RULES
 
 SEARCH = Path(__file__).parents[1] / "search"
 FORBIDDEN = re.compile(r"shear|sr_net|bicubic|galsim", re.IGNORECASE)
@@ -230,8 +230,8 @@ def test_a_data_error_while_preparing_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_comparison_tables_separate_groups_and_flag_significant_biases():
-    from lensnas.objectives.shear import ShearObjective
-    from lensnas.search.comparison import FLAG, comparison_tables
+    from lensnas.objectives.shear.objective import ShearObjective
+    from lensnas.search.results.comparison import FLAG, comparison_tables
 
     baselines = [
         Baseline("reference_object", "metacal, per-galaxy response", "own response", {"rmse": 5e-4}),

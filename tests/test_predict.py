@@ -19,9 +19,9 @@ from astropy.io import fits
 
 from lensnas import spaces
 from lensnas.search import launch
-from lensnas.search import predict as predict_module
 from lensnas.search.cli import main
-from lensnas.search.export import export_study
+from lensnas.search.results import predict as predict_module
+from lensnas.search.results.export import export_study
 from tests.test_denoise import TINY_STUDY as TINY_DENOISE_STUDY
 from tests.test_export import TINY_SR_STUDY, tiny_shear_study
 

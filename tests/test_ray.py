@@ -177,8 +177,8 @@ def test_bad_ray_options_are_one_line_errors(tmp_path, ray_session, capsys):
 def test_bad_input_found_by_a_worker_stops_the_run_with_its_one_line():
     """A worker that meets bad input (a LensnasError while preparing) reports it; the driver
     starts no more trials, stops the running ones and raises it for the CLI's exit 2."""
-    from lensnas.search.ray_tune import Feeder, Monitor, RayRun, StopAll
-    from lensnas.search.ray_worker import BAD_INPUT
+    from lensnas.search.executors.ray_tune import Feeder, Monitor, RayRun, StopAll
+    from lensnas.search.executors.ray_worker import BAD_INPUT
 
     run = RayRun(max_failures=3)
     monitor = Monitor(run, job=None, progress=None)

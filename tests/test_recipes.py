@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from lensnas.objectives import LocalContext
-from lensnas.objectives.shear import ShearObjective
-from lensnas.objectives.shear_data import GalaxySimulation
+from lensnas.objectives.shear.data import GalaxySimulation
+from lensnas.objectives.shear.objective import ShearObjective
 from lensnas.search.cli import main
-from lensnas.search.export import onnx, torchscript
+from lensnas.search.results.export import onnx, torchscript
 from lensnas.spaces.d4 import ELEMENTS, D4Symmetrized, shear_signs, transform_images
-from lensnas.spaces.shear_cnn import SHEAR_CNN, build_shear_cnn
+from lensnas.spaces.shear.cnn import SHEAR_CNN, build_shear_cnn
 
 
 def _render(size: int, g1: float, g2: float, psf: galsim.GSObject) -> np.ndarray:

@@ -14,21 +14,21 @@ import galsim
 import numpy as np
 import pytest
 
-from lensnas.objectives import ngmix_backend
 from lensnas.objectives.cache import entry_path
-from lensnas.objectives.hsm import distortion_to_shear
-from lensnas.objectives.metacal import MetacalKernel, resolve_fix_noise
-from lensnas.objectives.reference import (
+from lensnas.objectives.shear import ngmix_backend
+from lensnas.objectives.shear.baseline import baseline_rows
+from lensnas.objectives.shear.data import metacal_benchmark_simulation, simulate_split
+from lensnas.objectives.shear.hsm import distortion_to_shear
+from lensnas.objectives.shear.metacal import MetacalKernel, resolve_fix_noise
+from lensnas.objectives.shear.metrics import linear_bias, rmse
+from lensnas.objectives.shear.objective import ShearObjective
+from lensnas.objectives.shear.reference import (
     cached_measure,
     estimator_settings,
     measure,
     reference_config,
 )
-from lensnas.objectives.shear import ShearObjective
-from lensnas.objectives.shear_baseline import baseline_rows
-from lensnas.objectives.shear_data import metacal_benchmark_simulation, simulate_split
-from lensnas.objectives.shear_metrics import linear_bias, rmse
-from lensnas.search.comparison import comparison_rows
+from lensnas.search.results.comparison import comparison_rows
 
 NGMIX_RMSE = 4.7e-4
 COUNT = 600

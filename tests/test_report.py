@@ -8,8 +8,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from lensnas.search.comparison import study_baselines
-from lensnas.search.report import build_report, write_report
+from lensnas.search.results.comparison import study_baselines
+from lensnas.search.results.report import build_report, write_report
 from lensnas.search.summary import best_trials
 from tests.test_export import TinyStudy, tiny_shear_study
 
@@ -187,7 +187,7 @@ def test_report_figures_render_with_legends_and_axis_titles(shear, report, tmp_p
 
 
 def test_bias_figure_draws_each_estimator_in_one_colour():
-    from lensnas.objectives.shear_report import bias_figure
+    from lensnas.objectives.shear.report import bias_figure
 
     rows = {"network": {"m1": 0.01, "m1_err": 0.002, "m2": 0.0, "c1": 1e-4, "c2": 0.0},
             "metacal": {"m1": 0.0, "m2": 0.0, "c1": 0.0, "c2": 0.0}}
@@ -207,7 +207,7 @@ def test_importances_of_a_maximised_metric_follow_its_best_trials(tmp_path, repo
     trials (driven by x here) and not of its worst (driven by y)."""
     from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 
-    from lensnas.search.report import lower_is_better
+    from lensnas.search.results.report import lower_is_better
 
     storage = f"sqlite:///{tmp_path / 'max.db'}"
     study = optuna.create_study(

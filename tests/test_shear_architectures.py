@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from lensnas import spaces
-from lensnas.search.export import onnx, torchscript
+from lensnas.search.results.export import onnx, torchscript
 from lensnas.search.spec import SpecError, load_spec
 from lensnas.spaces import parse_space
 from lensnas.spaces.dimensions import SpaceError
 from lensnas.spaces.loading import build
-from lensnas.spaces.shear_blocks import CBAM, MultiScaleBlock, PsfCNN
-from lensnas.spaces.shear_cnn import SHEAR_CNN, ShearCNN, build_shear_cnn, example_stamps
+from lensnas.spaces.shear.blocks import CBAM, MultiScaleBlock, PsfCNN
+from lensnas.spaces.shear.cnn import SHEAR_CNN, ShearCNN, build_shear_cnn, example_stamps
 from tests.conftest import write_tiny_shear_study
 
 SMALL = {"depth": 2, "width": 4, "dense_units": 16, "residual": True, "normalization": "group"}

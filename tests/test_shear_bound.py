@@ -9,7 +9,7 @@ import numpy as np
 import optuna
 import pytest
 
-from lensnas.objectives.shear_bound import (
+from lensnas.objectives.shear.bound import (
     PARAMETERS,
     bound_from_fisher,
     cached_bound,
@@ -18,7 +18,7 @@ from lensnas.objectives.shear_bound import (
     fisher_matrix,
     model_image,
 )
-from lensnas.objectives.shear_data import GalaxySimulation, draw_population, render
+from lensnas.objectives.shear.data import GalaxySimulation, draw_population, render
 from lensnas.search.cli import main
 from tests.conftest import write_tiny_shear_study
 
@@ -208,7 +208,7 @@ def test_baseline_prints_the_bound_beside_every_estimator(tmp_path, capsys):
 
 
 def test_ratios_to_the_bound_need_noise():
-    from lensnas.objectives.shear import ShearObjective
+    from lensnas.objectives.shear.objective import ShearObjective
     from lensnas.spaces.dimensions import SpaceError
 
     options = ShearObjective.check_options({"noise_sigma": 0.0, "reference": "hsm"})

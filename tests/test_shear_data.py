@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
-from lensnas.objectives.shear import ShearObjective
-from lensnas.objectives.shear_data import GalaxySimulation, simulate, simulate_test_at_noise
+from lensnas.objectives.shear.data import GalaxySimulation, simulate, simulate_test_at_noise
+from lensnas.objectives.shear.objective import ShearObjective
 from lensnas.spaces.dimensions import SpaceError
 
 SMALL = GalaxySimulation(stamp_size=21, pixel_scale=0.2, half_light_radius_min=0.3,
@@ -114,7 +114,7 @@ def test_bad_test_noise_levels_are_refused(levels):
 
 
 def test_parallel_rendering_gives_the_same_images_as_one_process():
-    from lensnas.objectives.shear_data import RENDER_CHUNK, draw_population, render
+    from lensnas.objectives.shear.data import RENDER_CHUNK, draw_population, render
 
     simulation = GalaxySimulation(stamp_size=15, pixel_scale=0.3)
     count = 2 * RENDER_CHUNK + 7  # three chunks, the last one short

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lensnas.objectives.shear_metrics import linear_bias, paired_bias, rmse, shear_metrics
+from lensnas.objectives.shear.metrics import linear_bias, paired_bias, rmse, shear_metrics
 
 
 def _truth(count: int, rng: np.random.Generator) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch
 
 from lensnas.spaces import parse_space, suggest
 from lensnas.spaces.dimensions import SpaceError, admits
-from lensnas.spaces.shear_cnn import POOLINGS, SHEAR_CNN, build_shear_cnn
+from lensnas.spaces.shear.cnn import POOLINGS, SHEAR_CNN, build_shear_cnn
 
 SPACE = {
     "depth": {"type": "int", "low": 1, "high": 4, "step": 1},

@@ -15,12 +15,12 @@ from optuna.trial import TrialState
 
 from lensnas import spaces
 from lensnas.objectives.base import LocalContext
-from lensnas.objectives.denoise import DenoiseObjective
+from lensnas.objectives.denoise.objective import DenoiseObjective
 from lensnas.search import launch
 from lensnas.search.cli import main
-from lensnas.search.export import study_objective
+from lensnas.search.results.export import study_objective
 from lensnas.search.summary import best_trials
-from lensnas.spaces.sr_net import SR_NET
+from lensnas.spaces.sr.net import SR_NET
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 

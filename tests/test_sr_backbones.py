@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from lensnas import spaces
 from lensnas.objectives.base import LocalContext
-from lensnas.objectives.sr_metrics import Degradation, sr_loss
-from lensnas.objectives.sr_training import (
+from lensnas.objectives.sr.metrics import Degradation, sr_loss
+from lensnas.objectives.sr.training import (
     AdversarialStep,
     DenoiserStep,
     PyramidStep,
@@ -25,12 +25,12 @@ from lensnas.objectives.sr_training import (
     training_step,
 )
 from lensnas.objectives.training import TrainingStep, train_model
-from lensnas.search.export import example_input, onnx, torchscript
+from lensnas.search.results.export import example_input, onnx, torchscript
 from lensnas.search.spec import SpecError, load_spec
-from lensnas.spaces.sr_adversary import build_discriminator
-from lensnas.spaces.sr_backbones import EncoderLayer, TransformerStage
-from lensnas.spaces.sr_layers import UPSAMPLERS
-from lensnas.spaces.sr_net import SISR_BACKBONES, SR_NET
+from lensnas.spaces.sr.adversary import build_discriminator
+from lensnas.spaces.sr.backbones import EncoderLayer, TransformerStage
+from lensnas.spaces.sr.layers import UPSAMPLERS
+from lensnas.spaces.sr.net import SISR_BACKBONES, SR_NET
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 

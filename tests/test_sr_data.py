@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lensnas.objectives.sr import SRObjective
-from lensnas.objectives.sr_data import (
+from lensnas.objectives.sr.data import (
     POPULATION_DEFAULTS,
     LensSimulator,
     SimulatedPair,
@@ -26,6 +25,7 @@ from lensnas.objectives.sr_data import (
     simulation_config,
     split_rng,
 )
+from lensnas.objectives.sr.objective import SRObjective
 from lensnas.spaces.dimensions import SpaceError
 from lensnas.spaces.errors import DataError
 

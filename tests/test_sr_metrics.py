@@ -8,13 +8,13 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from lensnas.objectives.sr_data import (
+from lensnas.objectives.sr.data import (
     POPULATION_DEFAULTS,
     LensSimulator,
     normalize_per_image,
     simulation_config,
 )
-from lensnas.objectives.sr_metrics import (
+from lensnas.objectives.sr.metrics import (
     CharbonnierLoss,
     ConsistencyLoss,
     Degradation,

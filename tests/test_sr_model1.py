@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lensnas.objectives.sr import SRObjective
-from lensnas.objectives.sr_metrics import psnr_per_image
+from lensnas.objectives.sr.metrics import psnr_per_image
+from lensnas.objectives.sr.objective import SRObjective
 
 PUBLISHED_BILINEAR_PSNR = 24.78  # dB
 PUBLISHED_BILINEAR_SSIM = 0.303

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lensnas.spaces import SpaceError, family, parse_space
-from lensnas.spaces.sr_layers import UPSAMPLERS, transposed_conv
-from lensnas.spaces.sr_net import SR_NET
+from lensnas.spaces.sr.layers import UPSAMPLERS, transposed_conv
+from lensnas.spaces.sr.net import SR_NET
 
 SIZES = [75, 64]
 BACKBONES = ("resnet", "srcnn", "fsrcnn")

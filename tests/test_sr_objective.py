@@ -12,7 +12,7 @@ import torch
 
 from lensnas.objectives import objective_class
 from lensnas.objectives.base import LocalContext, TrialPruned
-from lensnas.objectives.sr import SRObjective
+from lensnas.objectives.sr.objective import SRObjective
 from lensnas.objectives.training import predict
 from lensnas.spaces.dimensions import admits
 
@@ -75,7 +75,7 @@ def test_prepare_and_run_trial_give_finite_metrics(prepared, tmp_path):
     # weights, whatever the loss, as scikit-image computes PSNR per image (data range 1).
     from skimage.metrics import peak_signal_noise_ratio
 
-    from lensnas.objectives.sr_metrics import bicubic_upsample
+    from lensnas.objectives.sr.metrics import bicubic_upsample
 
     data = prepared.data
     prediction = np.clip(predict(model, data["validation_lr"], 4, "cpu"), 0, 1)

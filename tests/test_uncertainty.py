@@ -18,19 +18,19 @@ from torch import nn
 
 from lensnas import spaces
 from lensnas.objectives.base import LocalContext
-from lensnas.objectives.shear_uncertainty import resampled_sigmas
+from lensnas.objectives.shear.uncertainty import resampled_sigmas
 from lensnas.search import launch
 from lensnas.search.artifacts import artifact_store, download_trial_artifacts
 from lensnas.search.cli import main
-from lensnas.search.export import study_objective, study_spec
-from lensnas.search.report import build_report
+from lensnas.search.results.export import study_objective, study_spec
+from lensnas.search.results.report import build_report
+from lensnas.search.results.uncertainty import GAUSSIAN_WITHIN, member_seeds
 from lensnas.search.summary import best_trials
-from lensnas.search.uncertainty import GAUSSIAN_WITHIN, member_seeds
 from lensnas.spaces.d4 import shear_signs, transform_images
 from lensnas.spaces.dimensions import suggest
 from lensnas.spaces.ensemble import Ensemble, FixedMasks, MCDropout
 from lensnas.spaces.loading import build
-from lensnas.spaces.shear_cnn import SHEAR_CNN, build_shear_cnn
+from lensnas.spaces.shear.cnn import SHEAR_CNN, build_shear_cnn
 from tests.conftest import write_tiny_shear_study
 from tests.test_export import TinyStudy, tiny_shear_study
 

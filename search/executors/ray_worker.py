@@ -2,8 +2,8 @@
 
 Each Ray trial opens the study's storage, loads the study with its sampler (seeded apart per
 Ray trial) and pruner, claims one Optuna trial exactly as the local executor does
-(:func:`lensnas.search.local.claim_trial`: under the claim lock, only while the study needs
-more) and runs it with :func:`lensnas.search.local.run_claimed_trial`, which tells COMPLETE,
+(:func:`lensnas.search.executors.local.claim_trial`: under the claim lock, only while the study needs
+more) and runs it with :func:`lensnas.search.executors.local.run_claimed_trial`, which tells COMPLETE,
 PRUNED or FAIL (with its ``fail_reason``). The objective is built and prepared once per worker
 process (its dataset is a cache hit), and so is the storage's connection pool.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import optuna
 from ray import tune
 
-from lensnas.search.local import WAIT_SECONDS, claim_trial, run_claimed_trial
+from lensnas.search.executors.local import WAIT_SECONDS, claim_trial, run_claimed_trial
 from lensnas.search.samplers import make_pruner, make_sampler
 from lensnas.search.spec import StudySpec
 from lensnas.search.storage import open_storage

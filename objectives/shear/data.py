@@ -24,7 +24,7 @@ from typing import Any
 import galsim
 import numpy as np
 
-from lensnas.objectives.reference import cpu_count
+from lensnas.objectives.shear.reference import cpu_count
 
 PROFILES = ("exponential", "gaussian", "sersic", "bulge_disk")
 PSF_PROFILES = ("gaussian", "moffat")

@@ -27,7 +27,7 @@ from torch import nn
 from lensnas.spaces.d4 import D4Symmetrized
 from lensnas.spaces.family import Choice, Family, Range
 from lensnas.spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
-from lensnas.spaces.shear_blocks import (
+from lensnas.spaces.shear.blocks import (
     POOLINGS,
     MultiScaleBlock,
     PsfCNN,

@@ -2,7 +2,7 @@
 more, a callback that records how each ended, and a stopper for Ctrl+C.
 
 Params never come from Tune: each Ray trial asks the stored Optuna study (see
-:mod:`lensnas.search.ray_worker`). The searcher (:class:`Feeder`) starts Ray trials while the
+:mod:`lensnas.search.executors.ray_worker`). The searcher (:class:`Feeder`) starts Ray trials while the
 study has fewer than n_trials finished ones (failed trials are replaced), never more at once
 than the room left. A Ray trial whose worker died (out of memory, killed) is failed by the
 callback (:class:`Monitor`) with Ray's error.
@@ -22,8 +22,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
 
-from lensnas.search.progress import TrialProgress
-from lensnas.search.ray_worker import (
+from lensnas.search.executors.ray_worker import (
     BAD_INPUT,
     RAY_TRIAL_ATTR,
     RUN_ATTR,
@@ -31,6 +30,7 @@ from lensnas.search.ray_worker import (
     RayJob,
     shared_storage,
 )
+from lensnas.search.progress import TrialProgress
 from lensnas.search.study import FINISHED, StopAfterFailures, fail_abandoned_trials, fail_trial
 
 

@@ -3,7 +3,7 @@
 Clean images, normalised per image to [0, 1], float32 of shape (N, 1, H, W):
 
 - simulated (``source`` simulate, euclid or hst): the LR images of the super-resolution
-  simulation (``lensnas.objectives.sr_data``: same lenses, sources, instrument and PSF) without
+  simulation (``lensnas.objectives.sr.data``: same lenses, sources, instrument and PSF) without
   their noise. The SR simulation renders 2x finer noiseless images blurred by the LR PSF;
   summing their 2x2 blocks gives exactly its LR image before noise.
 - a folder of ``.npy`` files: one image per file, shape (H, W) or (1, H, W), split into train,
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from lensnas.objectives.sr_data import (
+from lensnas.objectives.sr.data import (
     MIN_HR_SIDE,
     SPLIT_FILE_NAMES,
     SPLIT_SEED_CODES,
@@ -44,8 +44,8 @@ from lensnas.objectives.sr_data import (
     simulate_dataset,
     simulation_config,
 )
-from lensnas.spaces.denoise_net import MAX_NOISE_LEVEL, NOISE_TYPES
 from lensnas.spaces.errors import DataError
+from lensnas.spaces.sr.denoise import MAX_NOISE_LEVEL, NOISE_TYPES
 
 SIMULATION_SCALE = 2  # the SR simulation's HR images are this much finer than the clean LR
 NOISE_SEED_CODE = 4  # sr_data's splits use 1, 2, 3

@@ -2,7 +2,7 @@
 
 NGMix is not on PyPI; :data:`INSTALL_HINT` says how to get it. The per-object outputs
 (``e``, ``R``, ``ok``) are the same as the built-in metacal's, and are calibrated the same
-way (:func:`lensnas.objectives.metacal.calibrate`).
+way (:func:`lensnas.objectives.shear.metacal.calibrate`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib.util
 
 import numpy as np
 
-from lensnas.objectives.metacal import resolve_fix_noise
+from lensnas.objectives.shear.metacal import resolve_fix_noise
 
 NGMIX_DEFAULTS: dict[str, object] = {
     "fitter": "admom",

@@ -34,7 +34,7 @@ from lensnas.objectives.base import LocalContext, ReferenceErrors
 from lensnas.objectives.report_html import format_value, html_table, note
 from lensnas.objectives.training import predict
 from lensnas.search.artifacts import artifact_store, download_trial_artifacts
-from lensnas.search.export import (
+from lensnas.search.results.export import (
     MODEL_CARD,
     ONNX,
     TORCHSCRIPT,
@@ -48,7 +48,7 @@ from lensnas.search.export import (
     study_spec,
     torchscript,
 )
-from lensnas.search.report import lensnas_version, metric_rows
+from lensnas.search.results.report import lensnas_version, metric_rows
 from lensnas.search.storage import redact
 from lensnas.search.study import resolve_device
 from lensnas.search.summary import best_trials, markdown_table
@@ -397,7 +397,7 @@ def uncertainty_card(study: optuna.Study, storage_url: str, record: dict[str, An
         "import torch",
         "",
         "from lensnas import spaces",
-        "from lensnas.search.export import example_input",
+        "from lensnas.search.results.export import example_input",
         "",
         'folder = "."  # this card\'s folder',
         "model = spaces.load(folder)  # nn.Module in eval mode",

@@ -2,10 +2,10 @@
 
 DeepLense's Denoiser (the first stage of DenoisedSISR). Clean images are the noiseless LR
 images of the super-resolution simulation, or a user's folder of ``.npy`` images
-(``lensnas.objectives.denoise_data``); the objective adds ``noise_type`` noise of
+(``lensnas.objectives.denoise.data``); the objective adds ``noise_type`` noise of
 ``noise_level`` itself, seeded, so every trial sees the same noisy images. A trial trains a
-``lensnas.spaces.denoise_net`` network on (noisy, clean) pairs and is scored on the test set
-with MSE, PSNR and SSIM (``lensnas.objectives.sr_metrics``: data range 1, scikit-image's
+``lensnas.spaces.sr.denoise`` network on (noisy, clean) pairs and is scored on the test set
+with MSE, PSNR and SSIM (``lensnas.objectives.sr.metrics``: data range 1, scikit-image's
 convention) of its output clipped to [0, 1], each also as a gain over the noisy input (clipped
 to [0, 1] as well, so clipping alone gains nothing).
 
@@ -36,7 +36,7 @@ from lensnas.objectives.base import (
     ValidationScore,
 )
 from lensnas.objectives.cache import cached_arrays
-from lensnas.objectives.denoise_data import (
+from lensnas.objectives.denoise.data import (
     MIN_SIDE,
     clean_simulation_config,
     folder_clean_dataset,
@@ -47,13 +47,13 @@ from lensnas.objectives.denoise_data import (
 )
 from lensnas.objectives.diagnostics import image_panels_figure
 from lensnas.objectives.options import check_options, require, require_folder_keys_unset
-from lensnas.objectives.sr import SRObjective
-from lensnas.objectives.sr_data import POPULATION_DEFAULTS, SOURCES, SPLITS, folder_config
-from lensnas.objectives.sr_metrics import image_metrics, psnr_per_image, sr_loss
+from lensnas.objectives.sr.data import POPULATION_DEFAULTS, SOURCES, SPLITS, folder_config
+from lensnas.objectives.sr.metrics import image_metrics, psnr_per_image, sr_loss
+from lensnas.objectives.sr.objective import SRObjective
 from lensnas.objectives.training import predict
-from lensnas.spaces.denoise_net import DENOISE_NET, MAX_NOISE_LEVEL, NOISE_TYPES
 from lensnas.spaces.dimensions import SpaceError
 from lensnas.spaces.errors import DataError, OptionError
+from lensnas.spaces.sr.denoise import DENOISE_NET, MAX_NOISE_LEVEL, NOISE_TYPES
 
 logger = logging.getLogger("lensnas.denoise")
 
@@ -75,7 +75,7 @@ OPTIONS: dict[str, Any] = {
     "psf_fwhm": None,  # arcsec, Gaussian PSF (default: the source's preset)
     "supersampling": 1,  # ray-shooting points per (2x finer) simulation pixel side
     **POPULATION_DEFAULTS,  # lens and source population, as the SR objective's
-    # folder source: .npy files of clean images (see lensnas.objectives.denoise_data)
+    # folder source: .npy files of clean images (see lensnas.objectives.denoise.data)
     "folder": "",
     "validation_fraction": 0.1,  # carved from train when there is no validation.npy
     "test_fraction": 0.1,  # carved from train when there is no test.npy

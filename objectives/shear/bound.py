@@ -1,6 +1,6 @@
 """The physical limit of shear measurement: the Cramér-Rao bound on (g1, g2) per galaxy.
 
-For each test galaxy the noiseless GalSim rendering of :mod:`lensnas.objectives.shear_data`
+For each test galaxy the noiseless GalSim rendering of :mod:`lensnas.objectives.shear.data`
 (intrinsic shape, then the applied shear, then the PSF, drawn at the pixel scale) is
 differentiated by central finite differences with respect to the six parameters
 ``PARAMETERS``: the shear (g1, g2), the flux, the centroid (x, y in arcsec) and the size (the
@@ -12,7 +12,7 @@ component (the same for g2). No unbiased estimator of one galaxy's shear has a s
 The Fisher matrix is computed once at unit noise sigma (``fisher_per_unit_sigma``); the bound
 at noise sigma is ``sigma * bound_per_unit_sigma``, so every noise level is free. The
 population's RMS bound :func:`crb_rmse` uses the convention of
-:func:`lensnas.objectives.shear_metrics.rmse`: the root mean square over galaxies and both
+:func:`lensnas.objectives.shear.metrics.rmse`: the root mean square over galaxies and both
 components.
 
 Example::
@@ -36,8 +36,8 @@ import numpy as np
 
 from lensnas.objectives.base import Baseline
 from lensnas.objectives.cache import cached_arrays
-from lensnas.objectives.reference import cpu_count
-from lensnas.objectives.shear_data import GalaxySimulation
+from lensnas.objectives.shear.data import GalaxySimulation
+from lensnas.objectives.shear.reference import cpu_count
 
 PARAMETERS = ("g1", "g2", "flux", "x", "y", "half_light_radius")
 # Central-difference half-steps, chosen where the bound has converged (to 1e-5 relative on the

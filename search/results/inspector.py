@@ -48,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 from lensnas import spaces
 from lensnas.objectives.report_html import COLOURS, figure_html, format_value, html_table, note
 from lensnas.search.artifacts import artifact_store, download_trial_artifacts
-from lensnas.search.export import ExportError, example_input, study_objective
+from lensnas.search.results.export import ExportError, example_input, study_objective
 from lensnas.spaces.d4 import D4Symmetrized
 from lensnas.spaces.errors import OptionError
 from lensnas.spaces.loading import ARCHITECTURE_FILE, WEIGHTS_FILE, read_architecture
@@ -417,7 +417,7 @@ def inspect_study(study: optuna.Study, storage_url: str, trial_number: int | Non
                   cache_dir: str | Path | None = None) -> list[Inspection]:
     """Inspect trial ``trial_number`` (default: the best) and the study's preset trials; the
     results are stored with the study. The first inspection is the trial's."""
-    from lensnas.search.uncertainty import chosen_trial
+    from lensnas.search.results.uncertainty import chosen_trial
 
     trial = chosen_trial(study, trial_number)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -551,7 +551,7 @@ def report_section(study_attrs: dict[str, Any]) -> str | None:
 
 def inspection_html(study_name: str, inspections: list[Inspection]) -> str:
     """The inspector's own page: layers, feature maps and probe of the inspected trial."""
-    from lensnas.search.report import STYLE
+    from lensnas.search.results.report import STYLE
 
     first = inspections[0]
     title = html.escape(f"lensnas inspect: {study_name}, {first.label}")

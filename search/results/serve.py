@@ -4,7 +4,7 @@ The page lists the networks exported under the export folder (each folder holdin
 architecture.json, the folder itself or at most two levels down: ``best/trial-17``,
 ``best/<study>/trial-17``) with the task and the first metrics of its MODEL_CARD.md. Files
 dropped on it (.npy, FITS, .zip) go to ``POST /api/predict/<network>`` as a multipart form;
-:func:`lensnas.search.predict.predict` runs on them as ``lensnas predict`` would, and the answer
+:func:`lensnas.search.results.predict.predict` runs on them as ``lensnas predict`` would, and the answer
 is ``results.zip``: a network returning numbers gives ``predictions.csv``, an image network the
 zip it wrote for one uploaded .zip, else its outputs by file name. A client that accepts
 ``multipart/form-data`` (the page) gets that zip and a JSON preview of the first images.
@@ -47,7 +47,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from lensnas.search.predict import IMAGE_SUFFIXES, ImageFile, byte_size, check_archive, predict
+from lensnas.search.results.predict import (
+    IMAGE_SUFFIXES,
+    ImageFile,
+    byte_size,
+    check_archive,
+    predict,
+)
 from lensnas.search.study import resolve_device
 from lensnas.spaces import family
 from lensnas.spaces.errors import DataError, LensnasError, OptionError
@@ -62,7 +68,7 @@ DRAIN_PER_UPLOAD = 2  # a refused body is read (and dropped) up to this many tim
 PREVIEW_IMAGES = 4
 PREVIEW_ROWS = 20
 CARD_METRICS = 6  # metric rows of the card shown per network (the study's metrics come first)
-MODEL_CARD = "MODEL_CARD.md"  # as lensnas.search.export writes it
+MODEL_CARD = "MODEL_CARD.md"  # as lensnas.search.results.export writes it
 RESULTS = "results.zip"
 TABLE = "predictions.csv"
 CHUNK_BYTES = 1 << 20
@@ -400,7 +406,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return resources.files("lensnas.search").joinpath(PAGE).read_text(encoding="utf-8")
+        return resources.files("lensnas.search.results").joinpath(PAGE).read_text(encoding="utf-8")
 
     @app.get("/api/networks")
     def networks() -> dict[str, Any]:
@@ -473,7 +479,7 @@ def export_best(study_name: str, storage: Any, storage_url: str, folder: Path,
     """Export the best trial of a stored study into ``folder`` (one export at a time)."""
     import optuna
 
-    from lensnas.search.export import export_study
+    from lensnas.search.results.export import export_study
     from lensnas.search.spec import SpecError
 
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, False)]

@@ -1,6 +1,6 @@
 """The deeper super-resolution backbones of the DeepLense seeds: RCAN, LapSRN and the hybrid of
 EDSR residual features with vision-transformer blocks. Each maps (N, C, H, W) to
-(N, C, sH, sW); which family keys each reads is said in ``lensnas.spaces.sr_net``.
+(N, C, sH, sW); which family keys each reads is said in ``lensnas.spaces.sr.net``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lensnas.spaces.sr_layers import (
+from lensnas.spaces.sr.layers import (
     ResidualBlock,
     conv,
     reconstruction,

@@ -18,16 +18,16 @@ reconstruction convolutions), ``activation`` and ``upsampler``:
 - ``lapsrn`` (LapSRN): log2(scale) x2 levels (so scale 2, 4 or 8), each ``level_depth`` 3x3
   convolutions and an x2 upsampler; every level adds its residual to the x2 upsampling of the
   previous level's image (a learned transposed convolution started as bilinear), so
-  ``global_skip`` is not used. Trained on every level (``lensnas.objectives.sr_training``).
+  ``global_skip`` is not used. Trained on every level (``lensnas.objectives.sr.training``).
 - ``vit_hybrid``: the resnet head and ``depth`` residual blocks, then ``transformer_depth``
   transformer blocks (torch's TransformerEncoderLayer, pre-norm, GELU, feed-forward 4x) over
   ``patch_size`` patches embedded in ``embed_dim`` channels with ``heads`` heads and
   ``dropout``; sizes not divisible by the patch are zero-padded right and bottom and cropped
-  back (see ``lensnas.spaces.sr_backbones.TransformerStage``); then the resnet tail.
+  back (see ``lensnas.spaces.sr.backbones.TransformerStage``); then the resnet tail.
 - ``srgan``: the ``sisr_backbone`` network as the generator of adversarial training (the
-  discriminator and the feature loss are training keys; ``lensnas.spaces.sr_adversary``). The
+  discriminator and the feature loss are training keys; ``lensnas.spaces.sr.adversary``). The
   network built and exported is the generator alone.
-- ``denoised_sisr``: a frozen DnCNN (``lensnas.spaces.denoise_net``: ``denoiser_depth`` hidden
+- ``denoised_sisr``: a frozen DnCNN (``lensnas.spaces.sr.denoise``: ``denoiser_depth`` hidden
   layers of ``denoiser_width`` channels, 3x3, batch norm, ReLU, residual; or the network of an
   exported denoising folder, the ``[objective] denoiser_folder`` option) in front of the
   ``sisr_backbone`` network; the global skip upsamples the denoised image.
@@ -47,10 +47,10 @@ from torch import nn
 
 from lensnas.spaces.family import Choice, Family, Range
 from lensnas.spaces.layers import NORMALIZATIONS, normalization
-from lensnas.spaces.shear_cnn import TRAINING_RULES
-from lensnas.spaces.sr_adversary import DISCRIMINATORS
-from lensnas.spaces.sr_backbones import LapSRNBody, RCANBody, ViTHybridBody
-from lensnas.spaces.sr_layers import (
+from lensnas.spaces.shear.cnn import TRAINING_RULES
+from lensnas.spaces.sr.adversary import DISCRIMINATORS
+from lensnas.spaces.sr.backbones import LapSRNBody, RCANBody, ViTHybridBody
+from lensnas.spaces.sr.layers import (
     SR_ACTIVATIONS,
     UPSAMPLERS,
     ChannelAttention,
@@ -203,7 +203,7 @@ class SRNet(nn.Module):
         self.global_skip = bool(config["global_skip"]) and backbone != "lapsrn"
         self.denoiser: nn.Module | None = None
         if config["backbone"] == "denoised_sisr":
-            from lensnas.spaces.denoise_net import DenoiseNet  # denoise_net imports this module
+            from lensnas.spaces.sr.denoise import DenoiseNet  # denoise_net imports this module
 
             self.denoiser = DenoiseNet(denoiser or denoiser_config(config), in_channels)
         self.body = SISR_BODIES[backbone](config, in_channels, scale)
@@ -412,7 +412,7 @@ SR_NET = Family(
         "dropout": Range(0.0, 0.9),  # vit_hybrid's transformer blocks
         "denoiser_depth": Range(0, 64, integer=True),  # denoised_sisr
         "denoiser_width": Range(1, MAX_WIDTH, integer=True),  # denoised_sisr
-        # training keys of denoised_sisr and srgan (lensnas.objectives.sr_training)
+        # training keys of denoised_sisr and srgan (lensnas.objectives.sr.training)
         "denoiser_epochs": Range(1, 10000, integer=True),
         "discriminator": Choice(DISCRIMINATORS),
         "discriminator_depth": Range(1, 16, integer=True),
@@ -424,7 +424,7 @@ SR_NET = Family(
         "feature_weight": Range(0.0, 100.0),
         "feature_epochs": Range(1, 10000, integer=True),
         "loss": Choice(SR_LOSS_NAMES),
-        # the weight of the objective's consistency loss term (lensnas.objectives.sr_metrics)
+        # the weight of the objective's consistency loss term (lensnas.objectives.sr.metrics)
         "consistency_weight": Range(0.0, MAX_CONSISTENCY_WEIGHT),
         **TRAINING_RULES,
     },

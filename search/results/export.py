@@ -22,8 +22,12 @@ from torch import nn
 
 from lensnas import spaces
 from lensnas.search.artifacts import artifact_store, download_trial_artifacts
-from lensnas.search.comparison import comparison_tables, study_baselines, study_objective_class
-from lensnas.search.report import lensnas_version, metric_rows
+from lensnas.search.results.comparison import (
+    comparison_tables,
+    study_baselines,
+    study_objective_class,
+)
+from lensnas.search.results.report import lensnas_version, metric_rows
 from lensnas.search.spec import SpecError, StudySpec
 from lensnas.search.storage import redact
 from lensnas.search.summary import best_trials, format_value, markdown_table, summary_columns
@@ -351,7 +355,7 @@ def model_card(
         "import torch",
         "",
         "from lensnas import spaces",
-        "from lensnas.search.export import example_input",
+        "from lensnas.search.results.export import example_input",
         "",
         "folder = Path(\".\")  # this card's folder: run from it, or write its path here",
         "model = spaces.load(folder)  # nn.Module in eval mode",

@@ -1,10 +1,10 @@
 """The Ray executor's driver: trials run as Ray Tune trials, each one an Optuna trial of the
 stored study, until the study has n_trials finished ones.
 
-run_ray starts or joins Ray (:mod:`lensnas.search.ray_cluster`), places trials on CPUs/GPUs,
+run_ray starts or joins Ray (:mod:`lensnas.search.executors.ray_cluster`), places trials on CPUs/GPUs,
 and hands Tune a searcher that feeds it Ray trials, a callback that records their outcomes and
-a stopper (:mod:`lensnas.search.ray_tune`); each Ray trial claims and runs one Optuna trial in
-a worker (:mod:`lensnas.search.ray_worker`). So each trial appears in the study as it runs
+a stopper (:mod:`lensnas.search.executors.ray_tune`); each Ray trial claims and runs one Optuna trial in
+a worker (:mod:`lensnas.search.executors.ray_worker`). So each trial appears in the study as it runs
 (RUNNING, with heartbeats), the study's pruner decides pruning, and the study stays resumable
 by either executor. Tune's results folder is temporary: the Optuna storage and the artifact
 store are the record.
@@ -32,10 +32,10 @@ from ray import tune
 from rich.console import Console
 from sqlalchemy.engine import make_url
 
+from lensnas.search.executors.ray_cluster import check_address, quiet_ray_env, ray_session
+from lensnas.search.executors.ray_tune import Feeder, Monitor, RayRun, StopAll, fail_running
+from lensnas.search.executors.ray_worker import RayJob, ray_trial
 from lensnas.search.progress import TrialProgress
-from lensnas.search.ray_cluster import check_address, quiet_ray_env, ray_session
-from lensnas.search.ray_tune import Feeder, Monitor, RayRun, StopAll, fail_running
-from lensnas.search.ray_worker import RayJob, ray_trial
 from lensnas.search.spec import SpecError, StudySpec
 from lensnas.search.storage import redact
 from lensnas.search.study import finished_count

@@ -30,7 +30,11 @@ from optuna.trial import FrozenTrial, TrialState
 from lensnas.objectives.base import FIGURE, TrialRecord
 from lensnas.objectives.report_html import figure_html, html_table, note
 from lensnas.search.artifacts import artifact_store, read_trial_artifact
-from lensnas.search.comparison import comparison_tables, study_baselines, study_objective_class
+from lensnas.search.results.comparison import (
+    comparison_tables,
+    study_baselines,
+    study_objective_class,
+)
 from lensnas.search.summary import best_trials, summary_columns, trial_header, trial_rows
 
 TOP_TRIALS = 10
@@ -334,7 +338,7 @@ def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
         record = None if best is None else TrialRecord(best.number, best.params, best.user_attrs)
         for part in objective.report_sections(dict(attrs), record):
             sections.append(_section(part.section_id, part.title, part.html))
-    from lensnas.search import inspector, uncertainty
+    from lensnas.search.results import inspector, uncertainty
 
     for section_id, title, render in (
         ("uncertainty", "Uncertainty calibration (exported ensembles)", uncertainty.report_section),

@@ -9,7 +9,7 @@ evaluates the source there, in counts/s:
 - noiseless HR: ``scale * lr_size`` pixels of ``lr_pixel_scale / scale`` arcsec, convolved with
   a Gaussian PSF of ``hr_psf_fwhm``;
 - noiseless LR: the noiseless HR degraded by the study's operator
-  (``lensnas.objectives.sr_metrics.Degradation``: the Gaussian of FWHM
+  (``lensnas.objectives.sr.metrics.Degradation``: the Gaussian of FWHM
   sqrt(psf_fwhm^2 - hr_psf_fwhm^2), then ``scale x scale`` blocks summed), so that the LR image
   has the PSF ``psf_fwhm`` and the operator maps the noiseless HR exactly onto it;
 - observed images, DeepLenseSim's noise recipe: counts = Poisson(max(0, t (image + shot +
@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from lensnas.objectives.sr_metrics import Degradation, gaussian_blur
+from lensnas.objectives.sr.metrics import Degradation, gaussian_blur
 from lensnas.spaces.errors import DataError
 
 SOURCES = ("simulate", "euclid", "hst", "folder")

@@ -21,7 +21,7 @@ import numpy as np
 
 from lensnas.objectives.base import ReferenceErrors
 from lensnas.objectives.cache import cached_arrays
-from lensnas.objectives.reference import ReferenceResult, cached_measure, measure
+from lensnas.objectives.shear.reference import ReferenceResult, cached_measure, measure
 
 RESAMPLES = 8
 CACHE_VERSION = 1

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lensnas.spaces.sr_layers import conv
+from lensnas.spaces.sr.layers import conv
 
 DISCRIMINATORS = ("srgan", "patchgan")
 MAX_DISCRIMINATOR_WIDTH = 512

@@ -10,7 +10,7 @@ loop (``lensnas.objectives.training.TrainingStep``):
   (Adam at the trial's learning rate; non-saturating GAN losses on logits). The feature loss is
   the squared distance between the features of SR and HR under the encoder of a denoising
   autoencoder trained first, in the trial, on the HR training images for ``feature_epochs``
-  (``lensnas.spaces.sr_adversary.FeatureNet``), relative to the HR features' mean square. The
+  (``lensnas.spaces.sr.adversary.FeatureNet``), relative to the HR features' mean square. The
   best epoch is chosen among the adversarial ones (among all when there are none). With a
   lapsrn generator (or SISR network) the loss is on the last level only.
 - ``denoised_sisr``: before the first epoch the denoiser is loaded from the exported folder
@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lensnas.objectives.sr_metrics import Degradation, fitted_residual, sr_loss
+from lensnas.objectives.sr.metrics import Degradation, fitted_residual, sr_loss
 from lensnas.objectives.training import TrainingStep
 from lensnas.spaces.dimensions import SpaceError
 from lensnas.spaces.errors import ArchitectureError, DataError
-from lensnas.spaces.sr_adversary import FEATURE_NOISE_SIGMA, FeatureNet, build_discriminator
-from lensnas.spaces.sr_net import SR_NET
+from lensnas.spaces.sr.adversary import FEATURE_NOISE_SIGMA, FeatureNet, build_discriminator
+from lensnas.spaces.sr.net import SR_NET
 
 DENOISER_FAMILY = "denoise_net"
 FEATURE_LEARNING_RATE = 1e-3

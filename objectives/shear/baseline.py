@@ -17,15 +17,15 @@ import numpy as np
 
 from lensnas.objectives.base import Baseline
 from lensnas.objectives.cache import cache_root, config_hash
-from lensnas.objectives.reference import cached_measure, is_available
-from lensnas.objectives.shear_bound import ShearBound, bound_baseline, cached_bound
-from lensnas.objectives.shear_data import (
+from lensnas.objectives.shear.bound import ShearBound, bound_baseline, cached_bound
+from lensnas.objectives.shear.data import (
     SPLITS,
     GalaxySimulation,
     simulate_split,
     simulation_config,
 )
-from lensnas.objectives.shear_metrics import linear_bias, paired_bias, rmse
+from lensnas.objectives.shear.metrics import linear_bias, paired_bias, rmse
+from lensnas.objectives.shear.reference import cached_measure, is_available
 
 BASELINE_ESTIMATORS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("metacal", "metacal", {}),

@@ -22,11 +22,9 @@ from lensnas.objectives.base import (
 )
 from lensnas.objectives.cache import cached_arrays, config_hash
 from lensnas.objectives.diagnostics import shear_residual_figure
-from lensnas.objectives.ngmix_backend import INSTALL_HINT
 from lensnas.objectives.options import check_options, require
-from lensnas.objectives.reference import cached_measure, is_available
-from lensnas.objectives.shear_bound import ShearBound, bound_baseline, cached_bound
-from lensnas.objectives.shear_data import (
+from lensnas.objectives.shear.bound import ShearBound, bound_baseline, cached_bound
+from lensnas.objectives.shear.data import (
     PROFILES,
     PSF_PROFILES,
     SPLITS,
@@ -36,11 +34,13 @@ from lensnas.objectives.shear_data import (
     simulate_test_at_noise,
     simulation_config,
 )
-from lensnas.objectives.shear_metrics import rmse, shear_metrics
+from lensnas.objectives.shear.metrics import rmse, shear_metrics
+from lensnas.objectives.shear.ngmix_backend import INSTALL_HINT
+from lensnas.objectives.shear.reference import cached_measure, is_available
 from lensnas.objectives.training import REGRESSION_LOSSES, predict
 from lensnas.spaces.d4 import random_transform
 from lensnas.spaces.dimensions import SpaceError
-from lensnas.spaces.shear_cnn import SHEAR_CNN
+from lensnas.spaces.shear.cnn import SHEAR_CNN
 
 logger = logging.getLogger("lensnas.shear")
 
@@ -273,8 +273,8 @@ class ShearObjective(Objective):
 
     def reference_errors(self) -> ReferenceErrors:
         """The reference's per-galaxy estimates of the test set and their errors (noise
-        resampling: :mod:`lensnas.objectives.shear_uncertainty`)."""
-        from lensnas.objectives.shear_uncertainty import reference_errors
+        resampling: :mod:`lensnas.objectives.shear.uncertainty`)."""
+        from lensnas.objectives.shear.uncertainty import reference_errors
 
         return reference_errors(self)
 
@@ -390,7 +390,7 @@ class ShearObjective(Objective):
 
     def baseline_table(self, noise_levels: list[float] | None = None) -> list[Baseline]:
         """Every available shear estimator on the study's paired test set, at each noise level."""
-        from lensnas.objectives.shear_baseline import baseline_rows
+        from lensnas.objectives.shear.baseline import baseline_rows
 
         return baseline_rows(self.simulation, self.counts["test"], self.seed, noise_levels,
                              self.cache_dir, self.progress)
@@ -400,7 +400,7 @@ class ShearObjective(Objective):
 
     @classmethod
     def report_sections(cls, study_attrs: dict[str, Any], best: TrialRecord | None) -> list[ReportSection]:
-        from lensnas.objectives.shear_report import report_sections
+        from lensnas.objectives.shear.report import report_sections
 
         return report_sections(study_attrs, best)
 

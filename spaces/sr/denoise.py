@@ -8,7 +8,7 @@ input minus that prediction; without it they predict the clean image directly. D
 (Zhang et al. 2017) is 17 layers of 64 channels with batch norm: ``depth`` 15.
 
 ``noise_type`` and ``noise_level`` are not architecture: they select the noise the objective
-adds to the clean images (see ``lensnas.objectives.denoise``), listed here so that ``[space]``
+adds to the clean images (see ``lensnas.objectives.denoise.objective``), listed here so that ``[space]``
 can search them. They have no family default: without them the ``[objective]`` noise is used.
 """
 
@@ -21,8 +21,8 @@ from torch import nn
 
 from lensnas.spaces.family import Choice, Family, Range
 from lensnas.spaces.layers import NORMALIZATIONS, normalization
-from lensnas.spaces.shear_cnn import TRAINING_RULES
-from lensnas.spaces.sr_net import SR_ACTIVATIONS, conv, sr_activation
+from lensnas.spaces.shear.cnn import TRAINING_RULES
+from lensnas.spaces.sr.net import SR_ACTIVATIONS, conv, sr_activation
 
 NOISE_TYPES = ("gaussian", "poisson", "uniform", "salt_and_pepper")
 MAX_NOISE_LEVEL = 1.0

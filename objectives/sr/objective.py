@@ -1,8 +1,8 @@
 """The strong-lensing super-resolution objective: an SR network maps LR lensing images to HR.
 
-A trial trains the network sampled from ``lensnas.spaces.sr_net`` on LR/HR pairs (simulated with
-lenstronomy or loaded from a folder, see ``lensnas.objectives.sr_data``) and scores it on the test set
-with MSE, PSNR and SSIM (``lensnas.objectives.sr_metrics``), each also as a gain over the bicubic
+A trial trains the network sampled from ``lensnas.spaces.sr.net`` on LR/HR pairs (simulated with
+lenstronomy or loaded from a folder, see ``lensnas.objectives.sr.data``) and scores it on the test set
+with MSE, PSNR and SSIM (``lensnas.objectives.sr.metrics``), each also as a gain over the bicubic
 upsampling, and with physics-aware scores: the relative total-flux error against HR and the
 consistency of the SR image, degraded by the study's PSF and binning operator, with the LR input.
 The bicubic and bilinear interpolations are baseline rows of every study, computed once per
@@ -23,7 +23,7 @@ import torch
 from lensnas.objectives.base import Baseline, Metric, Objective, TrialContext, ValidationScore
 from lensnas.objectives.diagnostics import sr_panels_figure
 from lensnas.objectives.options import check_options, require, require_folder_keys_unset
-from lensnas.objectives.sr_data import (
+from lensnas.objectives.sr.data import (
     EXPOSURE_KEYS,
     INSTRUMENT_KEYS,
     LOG_UNIFORM_KEYS,
@@ -40,7 +40,7 @@ from lensnas.objectives.sr_data import (
     simulate_dataset,
     simulation_config,
 )
-from lensnas.objectives.sr_metrics import (
+from lensnas.objectives.sr.metrics import (
     INTERPOLATIONS,
     Degradation,
     bicubic_upsample,
@@ -50,11 +50,11 @@ from lensnas.objectives.sr_metrics import (
     sr_loss,
     upsample,
 )
-from lensnas.objectives.sr_training import check_scale, load_denoiser, training_step
+from lensnas.objectives.sr.training import check_scale, load_denoiser, training_step
 from lensnas.objectives.training import predict
 from lensnas.spaces.dimensions import SpaceError
 from lensnas.spaces.errors import DataError
-from lensnas.spaces.sr_net import SR_NET
+from lensnas.spaces.sr.net import SR_NET
 
 logger = logging.getLogger("lensnas.sr")
 
@@ -119,7 +119,7 @@ OPTIONS: dict[str, Any] = {
     "normalize": True,  # min-max each image to [0, 1]; false only for folders already in [0, 1]
     "eval_batch_size": 32,
     # denoised_sisr: an exported denoise_net folder, its frozen denoiser (default: trained in
-    # the trial, see lensnas.objectives.sr_training); relative to the working directory
+    # the trial, see lensnas.objectives.sr.training); relative to the working directory
     "denoiser_folder": "",
 }
 

@@ -1,0 +1,1 @@
+"""Executors: run a study's trials here (local) or on a Ray instance or cluster (Ray)."""

@@ -1,0 +1,1 @@
+"""After a study: report, export, uncertainty, inspector, dashboard, predict and serve."""
