@@ -39,65 +39,25 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 
 from lensnas.objectives.cache import cache_root, cached_arrays, config_hash
 from lensnas.objectives.options import check_options
+from lensnas.objectives.trial import (  # noqa: F401  (re-exported: the contract's names)
+    LocalContext,
+    TrainingResult,
+    TrialContext,
+    TrialFailed,
+    TrialPruned,
+)
 from lensnas.spaces.errors import OptionError
 from lensnas.spaces.family import Family
 from lensnas.spaces.loading import ARCHITECTURE_FILE, WEIGHTS_FILE, build_arguments
 
 FIGURE = "diagnostics.png"  # file name of a trial's diagnostic figure in its artifact folder
 DIRECTIONS = ("minimize", "maximize")
-
-
-class TrialPruned(Exception):
-    """Raised by an objective when ``ctx.should_prune()`` said stop."""
-
-
-class TrialFailed(Exception):
-    """Raised by an objective for a trial that cannot give a result (NaN loss, divergence)."""
-
-
-class TrialContext(Protocol):
-    """What a running trial may use: reporting, pruning, its device and its artifact folder."""
-
-    device: str
-    artifact_dir: Path
-    seed: int
-
-    def report(self, step: int, value: float) -> None:
-        """Record the validation score after epoch ``step`` (what the pruner compares)."""
-
-    def should_prune(self) -> bool:
-        """Whether the study's pruner wants this trial stopped now."""
-
-    def log(self, message: str) -> None:
-        """Show a progress message (current epoch, ...)."""
-
-
-@dataclass
-class LocalContext:
-    """A plain context for running a trial outside any executor (notebooks, tests)."""
-
-    device: str = "cpu"
-    artifact_dir: Path = field(default_factory=lambda: Path("."))
-    seed: int = 0
-    prune_after: int | None = None
-    reports: list[tuple[int, float]] = field(default_factory=list)
-    on_log: Callable[[str], None] | None = None
-
-    def report(self, step: int, value: float) -> None:
-        self.reports.append((step, value))
-
-    def should_prune(self) -> bool:
-        return self.prune_after is not None and len(self.reports) >= self.prune_after
-
-    def log(self, message: str) -> None:
-        if self.on_log is not None:
-            self.on_log(message)
 
 
 @dataclass(frozen=True)
@@ -188,15 +148,6 @@ class ReferenceErrors:
     estimates: np.ndarray | None = None  # (N, C), NaN where the estimator failed
     sigmas: np.ndarray | None = None  # (N, C)
     unavailable: str = ""
-
-
-@dataclass
-class TrainingResult:
-    model: Any
-    best_validation_score: float
-    epochs_run: int
-    train_seconds: float
-    history: list[float] = field(default_factory=list)
 
 
 class Objective:
@@ -356,7 +307,7 @@ class Objective:
 
     def train(self, model: Any, config: dict[str, Any], ctx: TrialContext) -> TrainingResult:
         """Train ``model`` with the shared loop (AdamW, per-epoch validation score, pruning)."""
-        from lensnas.objectives.training import train_model
+        from lensnas.objectives.training import train_model  # torch: imported when training
 
         return train_model(
             model,

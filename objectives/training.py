@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lensnas.objectives.base import TrainingResult, TrialContext, TrialFailed, TrialPruned
+from lensnas.objectives.trial import TrainingResult, TrialContext, TrialFailed, TrialPruned
 
 REGRESSION_LOSSES: dict[str, Callable[[], nn.Module]] = {
     "mse": nn.MSELoss,

@@ -14,7 +14,11 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
-from lensnas.objectives.report_html import format_value, html_table  # noqa: F401 (re-exported)
+from lensnas.objectives.report_html import (  # noqa: F401 (format_value, html_table re-exported)
+    NOT_METRICS,
+    format_value,
+    html_table,
+)
 from lensnas.search.study import FAIL_REASON
 
 
@@ -56,7 +60,6 @@ def _dominates(a: list[float], b: list[float]) -> bool:
 
 PARAMS_MIN_WIDTH = 24  # the compact table keeps at least this much for params
 REASON_MAX = 60  # characters of a failure reason in the compact table
-NOT_METRICS = ("seed", "epochs_run")  # numeric user attributes that are not metrics
 
 
 def compact_value(value: Any, error: Any = None) -> str:

@@ -100,3 +100,22 @@ class Family:
         """Only the parameters that define the network (what an export must store)."""
         config = self.config(params)
         return {key: config[key] for key in self.architecture_keys}
+
+
+# The training keys every family accepts ([training] or [space]), whatever its network.
+TRAINING_RULES = {
+    "learning_rate": Range(1e-7, 1.0),
+    "batch_size": Range(1, 65536, integer=True),
+    "epochs": Range(1, 10000, integer=True),
+    "weight_decay": Range(0.0, 1.0),
+    # the training recipe (lensnas.objectives.training.RECIPE_DEFAULTS)
+    "lr_schedule": Choice(("constant", "cosine", "onecycle", "plateau")),
+    "warmup_fraction": Range(0.0, 0.5),
+    "optimizer": Choice(("adamw", "sgd")),
+    "momentum": Range(0.0, 0.999),
+    "grad_clip": Range(0.0, 1e6),
+    "ema_decay": Range(0.0, 0.99999),
+    "precision": Choice(("fp32", "bf16")),
+    "channels_last": Choice((True, False)),
+    "compile": Choice((True, False)),
+}

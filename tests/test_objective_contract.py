@@ -30,8 +30,7 @@ from lensnas.search.cli import main
 from lensnas.search.launch import launch
 from lensnas.search.results.export import export_study
 from lensnas.search.results.report import build_report
-from lensnas.spaces.family import Family, Range
-from lensnas.spaces.shear.cnn import TRAINING_RULES
+from lensnas.spaces.family import TRAINING_RULES, Family, Range
 
 SEARCH = Path(__file__).parents[1] / "search"
 FORBIDDEN = re.compile(r"shear|sr_net|bicubic|galsim", re.IGNORECASE)

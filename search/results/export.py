@@ -21,13 +21,13 @@ from optuna.trial import FrozenTrial
 from torch import nn
 
 from lensnas import spaces
+from lensnas.objectives.report_html import lensnas_version, metric_rows
 from lensnas.search.artifacts import artifact_store, download_trial_artifacts
 from lensnas.search.results.comparison import (
     comparison_tables,
     study_baselines,
     study_objective_class,
 )
-from lensnas.search.results.report import lensnas_version, metric_rows
 from lensnas.search.spec import SpecError, StudySpec
 from lensnas.search.storage import redact
 from lensnas.search.summary import best_trials, format_value, markdown_table, summary_columns

@@ -46,20 +46,26 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lensnas import spaces
-from lensnas.objectives.report_html import COLOURS, figure_html, format_value, html_table, note
+from lensnas.objectives.report_html import STYLE, figure_html, format_value, html_table, note
 from lensnas.search.artifacts import artifact_store, download_trial_artifacts
 from lensnas.search.results.export import ExportError, example_input, study_objective
+from lensnas.search.results.sections import (
+    INSPECTOR_ATTR,
+    LAYER_HEADER,
+    LAYER_NOTE,
+    PROBE_GRID,
+    PROBE_NOTE,
+    layer_rows,
+    probe_figure,
+)
 from lensnas.spaces.d4 import D4Symmetrized
 from lensnas.spaces.errors import OptionError
 from lensnas.spaces.loading import ARCHITECTURE_FILE, WEIGHTS_FILE, read_architecture
 
-INSPECTOR_ATTR = "inspector"  # study user attribute: {trial number: its layers and probe}
-PROBE_GRID = 4  # block features are average-pooled to this many cells per side
 PROBE_RIDGE = 1e-3  # ridge strength per example, on standardised features
 MAP_CHANNELS = 6  # feature maps drawn per block: the channels that vary most
 BATCH = 128
-LAYER_HEADER = ("layer", "block", "type", "output", "stride (input px)",
-                "receptive field (input px)", "parameters")
+
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -442,64 +448,10 @@ def inspect_study(study: optuna.Study, storage_url: str, trial_number: int | Non
 # ----------------------------------------------------------------------------- figures
 
 
-def layer_rows(layers: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """Rows of :data:`LAYER_HEADER`."""
-    return [(r["name"], r["block"], r["kind"], r["output"], r["stride"], r["receptive_field"],
-             f"{r['parameters']:,}") for r in layers]
-
-
-LAYER_NOTE = (
-    "Each layer's output (channels x height x width, or features), its stride (input pixels "
-    "between neighbouring output pixels) and receptive field (the input pixels one output pixel "
-    "can depend on, per side), followed through every branch and skip from the network itself; "
-    "'whole input' after a global pooling, a dense layer or channel attention. Parameters: the "
-    "layer's own weights."
-)
-PROBE_NOTE = (
-    "A linear probe (ridge least squares) of the true outputs (g1, g2) fitted on each block's "
-    f"features, average-pooled to a {PROBE_GRID} x {PROBE_GRID} grid, on the validation "
-    "examples, and scored on the test examples: where the RMSE stops falling, later blocks add "
-    "no linearly readable shape information; where it rises, information is lost. Dotted lines: "
-    "the probe on the raw pixels and the RMSE of always guessing the mean (no information); "
-    "dashed: each network's own test RMSE."
-)
 MAPS_NOTE = (
     "The first test example (top row) and, for each block, the channels of its output that "
     "vary most over the stamp. Colour: the feature's value (each panel its own scale)."
 )
-
-
-def probe_figure(stored: dict[str, dict[str, Any]]) -> go.Figure:
-    """Probe RMSE against block depth, one line per inspected trial; reference levels as
-    horizontal lines."""
-    figure = go.Figure()
-    entries = [entry for _, entry in sorted(stored.items(), key=lambda kv: int(kv[0]))
-               if (entry.get("probe") or {}).get("blocks")]
-    span = [1, max([len(entry["probe"]["blocks"]) for entry in entries], default=1)]
-    references: dict[str, float] = {}
-    for index, entry in enumerate(entries):
-        probe, colour = entry["probe"], COLOURS[index % len(COLOURS)]
-        figure.add_trace(go.Scatter(
-            x=list(range(1, len(probe["blocks"]) + 1)), y=probe["rmse"], mode="lines+markers",
-            name=f"{entry['label']}: probe", line={"color": colour}, marker={"color": colour},
-            text=probe["blocks"], hovertemplate="%{text}: RMSE %{y:.3e}<extra></extra>",
-        ))
-        if isinstance(probe.get("network_rmse"), (int, float)):
-            figure.add_trace(go.Scatter(
-                x=span, y=[probe["network_rmse"]] * 2, mode="lines",
-                name=f"{entry['label']}: the network's own RMSE",
-                line={"color": colour, "dash": "dash"},
-            ))
-        references = {"probe on the raw pixels": probe["pixels_rmse"],
-                      "no information (the mean)": probe["no_information_rmse"]}
-    for index, (label, value) in enumerate(references.items()):
-        figure.add_trace(go.Scatter(x=span, y=[value] * 2, mode="lines", name=label,
-                                    line={"color": ("gray", "black")[index], "dash": "dot"}))
-    figure.update_layout(xaxis_title="block (depth along the network)",
-                         yaxis_title="probe RMSE of the outputs (test set)",
-                         yaxis_type="log", height=420, legend_title_text="line")
-    figure.update_xaxes(dtick=1)
-    return figure
 
 
 def maps_figure(inspection: Inspection) -> go.Figure | None:
@@ -533,26 +485,8 @@ def maps_figure(inspection: Inspection) -> go.Figure | None:
     return figure
 
 
-def report_section(study_attrs: dict[str, Any]) -> str | None:
-    """HTML of the report's inspector section, or None when no trial was inspected."""
-    stored = study_attrs.get(INSPECTOR_ATTR)
-    if not isinstance(stored, dict) or not stored:
-        return None
-    parts = []
-    if any((entry.get("probe") or {}).get("blocks") for entry in stored.values()):
-        parts += [note(PROBE_NOTE), figure_html(probe_figure(stored), "probe-figure")]
-    parts.append(note(LAYER_NOTE))
-    for number, entry in sorted(stored.items(), key=lambda kv: int(kv[0])):
-        parts.append(f"<details><summary>Layers of {html.escape(entry['label'])}</summary>"
-                     + html_table(LAYER_HEADER, layer_rows(entry["layers"]),
-                                  f"layers-{int(number)}") + "</details>")
-    return "\n".join(parts)
-
-
 def inspection_html(study_name: str, inspections: list[Inspection]) -> str:
     """The inspector's own page: layers, feature maps and probe of the inspected trial."""
-    from lensnas.search.results.report import STYLE
-
     first = inspections[0]
     title = html.escape(f"lensnas inspect: {study_name}, {first.label}")
     parts = [f"<h1>{title}</h1>", "<h2>Layers</h2>", note(LAYER_NOTE),

@@ -14,6 +14,23 @@ named numbers per image, written as a CSV (``file``, ``index`` within the file, 
 otherwise the network returns images, written in each input's own format and layout (one image
 stays one image, a stack stays a stack; a folder gives a folder with the same relative names,
 an archive an archive with the same member names; FITS files keep their primary header).
+
+Shear networks and the PSF (``psf``, ``--psf FILE``): a .npy or FITS file of one PSF image
+(H, W) for all stamps or one per stamp (N, H, W, in the order of the inputs' stamps), on the
+stamps' grid with the pixel response, each normalised here to unit sum. A network whose export
+says ``in_channels`` 2 takes it as its second channel (the stamps are then single images); such
+a network without a PSF is refused.
+
+Response calibration (``calibrate="metacal"``, ``--calibrate metacal``; shear networks that
+return g1, g2; needs the PSF): metacal's images of every stamp (deconvolved by its PSF, sheared
+by ±0.01 along g1 and g2, reconvolved by the dilated PSF:
+:mod:`lensnas.objectives.shear.calibration`) go through the network, with the reconvolution PSF
+as the PSF channel. The CSV then holds per stamp the raw estimate ``g1_raw, g2_raw`` (the
+network on the unsheared metacal image), its response ``R11, R12, R21, R22``
+(``R_ij = d g_i / d g_j``) and the calibrated shear ``g1, g2 = <R>^-1 (g1_raw, g2_raw)``, by
+the mean response of all the stamps given. The pixel scale is the export's (its stored input
+description), else ``pixel_scale``; the noise level for metacal's noise correction is the
+export's, else ``noise_sigma``.
 """
 
 from __future__ import annotations
@@ -52,6 +69,11 @@ MAX_ARCHIVE_BYTES = 2 * 1024**3  # an archive may unpack to at most this many by
 MAX_ARCHIVE_MEMBERS = 10_000
 FITS_DATA_KEYS = ("BSCALE", "BZERO", "BLANK", "DATAMIN", "DATAMAX", "CHECKSUM", "DATASUM")
 READABLE = "give .npy or FITS (.fits, .fit, .fts) files, folders of them or a .zip of them"
+SHEAR_COLUMNS = ("g1", "g2")
+CALIBRATIONS = ("metacal",)
+CALIBRATED_COLUMNS = ("g1_raw", "g2_raw", "R11", "R12", "R21", "R22", "g1", "g2")
+PSF_FILE = ("a .npy or FITS file of one PSF image (H, W) for all stamps or one per stamp "
+            "(N, H, W), on the stamps' grid")
 
 
 @dataclass
@@ -79,11 +101,16 @@ def predict(
     device: str = "auto", batch_size: int = 64, quiet: bool = False,
     warn: Callable[[str], None] | None = None, names: Sequence[str] | None = None,
     on_output: Callable[[ImageFile, np.ndarray], None] | None = None,
+    psf: str | Path | None = None, calibrate: str | None = None,
+    pixel_scale: float | None = None, noise_sigma: float | None = None,
+    on_response: Callable[[np.ndarray, int, int], None] | None = None,
 ) -> int:
     """Apply the network exported in ``exported`` to ``inputs``, write ``output``; image count.
 
     ``names`` name the inputs in messages and in the CSV (default: their paths);
-    ``on_output(file, outputs)`` sees each file's outputs before they are written.
+    ``on_output(file, outputs)`` sees each file's outputs before they are written. ``psf``,
+    ``calibrate``, ``pixel_scale``, ``noise_sigma``: see the module's docstring;
+    ``on_response(mean response (2, 2), stamps calibrated, stamps)`` is told the mean response.
     """
     if batch_size < 1:
         raise OptionError(f"--batch-size: must be at least 1, got {batch_size}")
@@ -95,20 +122,40 @@ def predict(
         raise OptionError("INPUTS: give at least one file, folder or .zip")
     spec = read_architecture(exported)
     columns = family(spec["family"]).output_columns
+    plan = psf_plan(spec, psf, calibrate, pixel_scale, noise_sigma)
     device = resolve_device(device, "--device")
     names = names or [str(path) for path in inputs]
     if len(names) != len(inputs):
         raise ValueError(f"{len(names)} names for {len(inputs)} inputs")
-    sources = [read_source(Path(path), spec, hdu, name) for path, name in zip(inputs, names)]
+    stamp_spec = spec if psf is None else {**spec, "in_channels": 1}  # stamps: one channel
+    sources = [read_source(Path(path), stamp_spec, hdu, name) for path, name in zip(inputs, names)]
     output = Path(output)
     targets = [] if columns else image_targets(sources, output)
     files = [file for source in sources for file in source.files]
     if columns and any(output.resolve() == Path(path).resolve() for path in inputs):
         raise OptionError(f"-o: {output} is one of the inputs; choose another output")
+    psf_images = None if psf is None else read_psf(Path(psf), files)
+    metacal_set = None
+    if plan.calibrate:  # before the network is loaded: metacal's processes fork from this one
+        metacal_set = metacal_images_of(files, psf_images, plan, quiet)
+    if psf_images is not None:
+        with_psf_channel(files, psf_images, plan.channels)
     for file in files:
         for line in check_input(spec, file.images):
             (warn or print_warning)(f"{file.name}: {line}")
     model = load(exported, map_location=device).to(device)
+    if metacal_set is not None:
+        values = calibrated_rows(model, metacal_set, plan, batch_size, device, quiet, on_response)
+        failed = len(values) - int(np.count_nonzero(metacal_set["ok"]))
+        if failed:
+            (warn or print_warning)(f"{failed} of {len(values)} stamps could not be put through "
+                                    "metacal (GalSim failed): their rows are NaN")
+        rows = split_rows(values, files)
+        if on_output is not None:
+            rows = watched(rows, files, on_output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_table(output, files, rows, CALIBRATED_COLUMNS)
+        return len(values)
     images = [file.images for file in files]
     with closing(apply(model, images, batch_size, device, quiet)) as results:
         if on_output is not None:
@@ -366,6 +413,187 @@ def apply(
                 outputs = np.concatenate(done)
                 done, ready = [outputs[size:]] if ready > size else [], ready - size
                 yield outputs[:size]
+
+
+# ----------------------------------------------------------------------------- PSF, calibration
+
+
+@dataclass
+class PsfPlan:
+    """What the PSF options ask for, checked against the network."""
+
+    channels: int  # the network's input channels
+    calibrate: bool  # metacal response calibration
+    pixel_scale: float = 0.0  # arcsec per pixel (calibration only)
+    noise_sigma: float = 0.0  # the stamps' pixel noise (calibration only)
+    step: float = 0.01  # metacal's shear step
+
+
+def psf_plan(
+    spec: dict[str, Any], psf: str | Path | None, calibrate: str | None,
+    pixel_scale: float | None, noise_sigma: float | None,
+) -> PsfPlan:
+    """Check ``--psf``, ``--calibrate``, ``--pixel-scale`` and ``--noise-sigma`` against the
+    network of ``spec``; a refusal is one line naming the option and what is allowed."""
+    columns = tuple(family(spec["family"]).output_columns)
+    returns = ", ".join(columns) if columns else "images"
+    shear = columns[:2] == SHEAR_COLUMNS
+    channels = int(spec.get("in_channels", 1))
+    if calibrate is not None and calibrate not in CALIBRATIONS:
+        raise OptionError(f"--calibrate: {calibrate!r} is not allowed; allowed: "
+                          f"{', '.join(CALIBRATIONS)}")
+    if calibrate and columns != SHEAR_COLUMNS:
+        raise OptionError(f"--calibrate metacal: only for shear networks, which return g1, g2; "
+                          f"this {spec['family']} network returns {returns}")
+    if calibrate and psf is None:
+        raise OptionError(f"--calibrate metacal: needs --psf FILE ({PSF_FILE}): metacal "
+                          "deconvolves each stamp by its PSF")
+    if psf is None and shear and channels == 2:
+        raise OptionError(f"--psf: required: this network takes the PSF image as its second "
+                          f"input channel (in_channels 2); give --psf FILE, {PSF_FILE}")
+    if psf is not None and not shear:
+        raise OptionError(f"--psf: only for shear networks, which return g1, g2; this "
+                          f"{spec['family']} network returns {returns}")
+    if psf is not None and channels not in (1, 2):
+        raise OptionError(f"--psf: this network takes {channels} input channels; a PSF goes "
+                          "with networks of 2 (stamp, PSF) or, with --calibrate metacal, of 1")
+    if psf is not None and channels == 1 and not calibrate:
+        raise OptionError("--psf: this network takes no PSF channel (in_channels 1); with it "
+                          "a PSF is used only by --calibrate metacal")
+    if not calibrate:
+        for flag, value in (("--pixel-scale", pixel_scale), ("--noise-sigma", noise_sigma)):
+            if value is not None:
+                raise OptionError(f"{flag}: used only with --calibrate metacal")
+        return PsfPlan(channels, False)
+    stored = spec.get("input") if isinstance(spec.get("input"), dict) else {}
+    trained = stored.get("pixel_scale_arcsec")
+    trained = float(trained) if is_number(trained) and trained > 0 else None
+    if pixel_scale is not None and not (np.isfinite(pixel_scale) and pixel_scale > 0):
+        raise OptionError(f"--pixel-scale: must be a positive number of arcsec per pixel, "
+                          f"got {pixel_scale!r}")
+    if trained is None and pixel_scale is None:
+        raise OptionError("--pixel-scale: required by --calibrate metacal: the export stores no "
+                          "pixel scale (input.pixel_scale_arcsec); give the stamps' arcsec per "
+                          "pixel")
+    if trained is not None and pixel_scale is not None and not np.isclose(
+            pixel_scale, trained, rtol=1e-6, atol=0):
+        raise OptionError(f"--pixel-scale: {pixel_scale:g} differs from the {trained:g} "
+                          "arcsec/pixel the network was trained at (its export's "
+                          f"input.pixel_scale_arcsec); leave it out, or give stamps at {trained:g}")
+    if noise_sigma is None:
+        noise_sigma = stored.get("noise_sigma")
+        if not (is_number(noise_sigma) and noise_sigma >= 0):
+            raise OptionError(
+                "--noise-sigma: required by --calibrate metacal: the export stores no single "
+                f"noise level (input.noise_sigma: {stored.get('noise_sigma', 'absent')}); give "
+                "the stamps' pixel noise sigma (metacal corrects for noise above "
+                f"{FIX_NOISE_ABOVE:g})")
+    elif not (np.isfinite(noise_sigma) and noise_sigma >= 0):
+        raise OptionError(f"--noise-sigma: must be a number >= 0, got {noise_sigma!r}")
+    return PsfPlan(channels, True, trained or float(pixel_scale or 0), float(noise_sigma))
+
+
+FIX_NOISE_ABOVE = 1e-4  # as lensnas.objectives.shear.metacal (not imported: it loads GalSim)
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a finite real number (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and bool(np.isfinite(value)))
+
+
+def read_psf(path: Path, files: Sequence[ImageFile]) -> np.ndarray:
+    """The PSF image(s) of ``--psf``, checked against the stamps of ``files`` and normalised to
+    unit sum: (H, W) for all stamps or (N, H, W), float32."""
+    name = f"--psf {path}"
+    if not path.is_file():
+        raise DataError(name, f"no such file; give {PSF_FILE}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DataError(name, f"not a .npy or FITS file; give {PSF_FILE}")
+    array = read_npy(path, name) if path.suffix.lower() == ".npy" else read_fits(path, name, 0)[0]
+    if array.dtype.kind not in "biuf":
+        raise DataError(name, f"holds {array.dtype} values, not real numbers")
+    count = sum(len(file.images) for file in files)
+    sizes = sorted({file.images.shape[2:] for file in files})
+    if len(sizes) > 1:
+        raise DataError(name, f"the stamps have several sizes ({sizes[0]}, {sizes[1]}); one "
+                              "PSF file goes with stamps of one size")
+    height, width = sizes[0]
+    if not ((array.ndim == 2 and array.shape == (height, width))
+            or (array.ndim == 3 and array.shape == (count, height, width))):
+        raise DataError(name, f"shape {array.shape}; the inputs hold {count} stamp(s) of "
+                              f"{height}x{width} pixels: give one PSF ({height}, {width}) for "
+                              f"all or one per stamp ({count}, {height}, {width})")
+    array = np.asarray(array, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise DataError(name, "holds NaN or infinite values")
+    sums = array.sum(axis=(-2, -1))
+    if np.any(sums <= 0):
+        bad = int(np.flatnonzero(np.atleast_1d(sums) <= 0)[0])
+        where = f"PSF {bad} sums" if array.ndim == 3 else "the PSF sums"
+        raise DataError(name, f"{where} to {np.atleast_1d(sums)[bad]:g}; a PSF image must have "
+                              "a positive sum (it is normalised to 1)")
+    return (array / sums[..., None, None]).astype(np.float32)
+
+
+def with_psf_channel(files: Sequence[ImageFile], psf_images: np.ndarray, channels: int) -> None:
+    """Give each file's stamps their PSF as channel 2, for a network of 2 input channels."""
+    if channels != 2:
+        return
+    start = 0
+    for file in files:
+        count = len(file.images)
+        psf = psf_images if psf_images.ndim == 2 else psf_images[start:start + count]
+        psf = np.broadcast_to(psf, (count, *file.images.shape[2:]))
+        file.images = np.ascontiguousarray(np.concatenate([file.images, psf[:, None]], axis=1))
+        start += count
+
+
+def metacal_images_of(
+    files: Sequence[ImageFile], psf_images: np.ndarray, plan: PsfPlan, quiet: bool
+) -> dict[str, np.ndarray]:
+    """Metacal's images of every stamp of ``files``, in order (see ``calibration``)."""
+    from lensnas.objectives.shear.calibration import metacal_images
+
+    stamps = np.concatenate([file.images[:, 0] for file in files])
+    if stamps.shape[1] != stamps.shape[2]:
+        raise DataError(files[0].name, f"stamps of {stamps.shape[1]}x{stamps.shape[2]} "
+                                       "pixels; --calibrate metacal needs square stamps")
+    return metacal_images(stamps, psf_images, plan.pixel_scale, plan.noise_sigma,
+                          step=plan.step, progress=not quiet)
+
+
+def calibrated_rows(
+    model: nn.Module, metacal_set: dict[str, np.ndarray], plan: PsfPlan, batch_size: int,
+    device: str, quiet: bool, on_response: Callable[[np.ndarray, int, int], None] | None,
+) -> np.ndarray:
+    """Per stamp (N, 8): the network's raw (g1, g2) on metacal's unsheared image, its response
+    R11, R12, R21, R22 and the shear calibrated by the mean response of all stamps."""
+    from lensnas.objectives.shear.calibration import calibrated, network_response
+
+    def estimate(images: np.ndarray, psf: np.ndarray | None) -> np.ndarray:
+        x = images[:, None]
+        if plan.channels == 2:
+            x = np.concatenate([x, np.broadcast_to(psf, images.shape)[:, None]], axis=1)
+        with closing(apply(model, [np.ascontiguousarray(x, dtype=np.float32)], batch_size,
+                           device, quiet)) as outputs:
+            return next(outputs).reshape(len(images), -1)
+
+    e, response = network_response(estimate, metacal_set, plan.step)
+    ok = np.asarray(metacal_set["ok"], dtype=bool)
+    e[~ok], response[~ok] = np.nan, np.nan
+    result = calibrated(e, response, ok)
+    if on_response is not None:
+        on_response(result["response"], int(np.count_nonzero(result["ok"])), len(e))
+    return np.column_stack([e, response.reshape(len(e), 4), result["g"]])
+
+
+def split_rows(values: np.ndarray, files: Sequence[ImageFile]) -> Iterator[np.ndarray]:
+    """The rows of ``values`` of each of ``files`` in turn."""
+    start = 0
+    for file in files:
+        yield values[start:start + len(file.images)]
+        start += len(file.images)
 
 
 # ----------------------------------------------------------------------------- writing

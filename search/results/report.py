@@ -17,7 +17,6 @@ import html
 import json
 import warnings
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,14 @@ import plotly.offline
 from optuna.trial import FrozenTrial, TrialState
 
 from lensnas.objectives.base import FIGURE, TrialRecord
-from lensnas.objectives.report_html import figure_html, html_table, note
+from lensnas.objectives.report_html import STYLE, figure_html, html_table, lensnas_version, note
 from lensnas.search.artifacts import artifact_store, read_trial_artifact
 from lensnas.search.results.comparison import (
     comparison_tables,
     study_baselines,
     study_objective_class,
 )
+from lensnas.search.results.sections import inspector_section, uncertainty_section
 from lensnas.search.summary import best_trials, summary_columns, trial_header, trial_rows
 
 TOP_TRIALS = 10
@@ -45,38 +45,6 @@ IMPORTANCE_METHOD = (
     "A conditional parameter is judged on the trials that have it; each metric of a "
     "multi-objective study is ranked on its own."
 )
-NOT_METRICS = ("seed", "epochs_run")
-
-
-def lensnas_version() -> str:
-    """The installed lensnas version ("unknown" when run from a source tree)."""
-    try:
-        return metadata.version("lensnas")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def metric_values(attrs: dict[str, Any]) -> dict[str, float]:
-    """The numeric user attributes of a trial (its metrics), without seeds and counters."""
-    return {
-        key: float(value)
-        for key, value in attrs.items()
-        if isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and key not in NOT_METRICS
-    }
-
-
-def metric_rows(
-    attrs: dict[str, Any], first: tuple[str, ...] = ()
-) -> list[tuple[str, float, float | None]]:
-    """(name, value, error) for each metric; ``X_err`` attributes become the error of ``X``."""
-    values = metric_values(attrs)
-    names = [k for k in first if k in values] + sorted(
-        k for k in values if k not in first and not k.endswith("_err")
-    )
-    names += sorted(k for k in values if k.endswith("_err") and k[:-4] not in values)
-    return [(name, values[name], values.get(f"{name}_err")) for name in names]
 
 
 def _comparison_section(study: optuna.Study, best: FrozenTrial | None) -> str:
@@ -252,16 +220,6 @@ def _diagnostics_section(
     return f"<p>Best trial {best.number}.</p>{image}"
 
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; vertical-align: top; }
-td:last-child { text-align: left; }
-.note { color: #666; font-style: italic; }
-img { max-width: 100%; }
-"""
-
-
 def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
     """The HTML text of the report of ``study`` (artifacts read from ``storage_url``'s store)."""
     trials = study.get_trials(deepcopy=False)
@@ -338,12 +296,10 @@ def build_report(study: optuna.Study, storage_url: str | None = None) -> str:
         record = None if best is None else TrialRecord(best.number, best.params, best.user_attrs)
         for part in objective.report_sections(dict(attrs), record):
             sections.append(_section(part.section_id, part.title, part.html))
-    from lensnas.search.results import inspector, uncertainty
-
     for section_id, title, render in (
-        ("uncertainty", "Uncertainty calibration (exported ensembles)", uncertainty.report_section),
+        ("uncertainty", "Uncertainty calibration (exported ensembles)", uncertainty_section),
         ("inspector", "Layers, and where the information on the outputs is lost",
-         inspector.report_section),
+         inspector_section),
     ):
         body = render(dict(attrs))
         if body is not None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from lensnas import spaces
 from lensnas.objectives.base import LocalContext, ReferenceErrors
-from lensnas.objectives.report_html import format_value, html_table, note
+from lensnas.objectives.report_html import format_value, lensnas_version, metric_rows
 from lensnas.objectives.training import predict
 from lensnas.search.artifacts import artifact_store, download_trial_artifacts
 from lensnas.search.results.export import (
@@ -48,7 +48,12 @@ from lensnas.search.results.export import (
     study_spec,
     torchscript,
 )
-from lensnas.search.results.report import lensnas_version, metric_rows
+from lensnas.search.results.sections import (
+    CALIBRATION_HEADER,
+    CALIBRATION_NOTE,
+    UNCERTAINTY_ATTR,
+    calibration_rows,
+)
 from lensnas.search.storage import redact
 from lensnas.search.study import resolve_device
 from lensnas.search.summary import best_trials, markdown_table
@@ -57,12 +62,7 @@ from lensnas.spaces.ensemble import ENSEMBLE_SUFFIX, Ensemble, MCDropout
 from lensnas.spaces.errors import OptionError
 from lensnas.spaces.loading import ARCHITECTURE_FILE, HEADER_KEYS, WEIGHTS_FILE, read_architecture
 
-UNCERTAINTY_ATTR = "uncertainty"  # study user attribute: {export name: its calibration record}
 GAUSSIAN_WITHIN = {1: 0.6827, 2: 0.9545}  # fractions within 1 and 2 sigma of a Gaussian
-CALIBRATION_HEADER = (
-    "estimate", "examples", "within 1 sigma (Gaussian 68.3%)", "within 2 sigma (Gaussian 95.4%)",
-    "predicted / actual scatter", "RMS sigma", "RMSE",
-)
 MC_BATCH_STAMPS = 2048  # MC dropout runs batch x samples stamps at once: keep that below this
 
 
@@ -94,16 +94,6 @@ def calibration(values: np.ndarray, sigmas: np.ndarray, truth: np.ndarray) -> di
         "scatter_ratio": sigma_rms / rmse if rmse > 0 else float("nan"),
         "sigma_rms": sigma_rms, "rmse": rmse,
     }
-
-
-def calibration_row(name: str, values: dict[str, Any]) -> tuple[str, ...]:
-    """One row of :data:`CALIBRATION_HEADER`."""
-    if "unavailable" in values:
-        return (name, "", f"unavailable: {values['unavailable']}", "", "", "", "")
-    percent = [f"{100 * values[k]:.1f}%" if k in values else ""
-               for k in ("within_1sigma", "within_2sigma")]
-    return (name, f"{values.get('n', 0):.0f}", *percent,
-            *(format_value(values.get(k)) for k in ("scatter_ratio", "sigma_rms", "rmse")))
 
 
 # ----------------------------------------------------------------------------- members
@@ -317,24 +307,6 @@ def reference_record(reference: ReferenceErrors | None, truth: np.ndarray) -> di
 # ----------------------------------------------------------------------------- card and report
 
 
-def calibration_rows(record: dict[str, Any], name: str | None = None) -> list[tuple[str, ...]]:
-    """This export's calibration row, then the reference estimator's."""
-    reference = record["reference"]
-    values = reference.get("calibration") or {"unavailable": reference.get("unavailable", "?")}
-    return [calibration_row(name or record["label"], record["calibration"]),
-            calibration_row(f"{reference['name']} (reference)", values)]
-
-
-CALIBRATION_NOTE = (
-    "Within 1 (2) sigma: the fraction of test examples and output components whose truth lies "
-    "within 1 (2) sigma of the estimate; calibrated Gaussian errors give 68.3% (95.4%). "
-    "Predicted / actual scatter: RMS sigma over the RMSE of the estimate (1 when the sigmas "
-    "are right on average; below 1, overconfident). A deep ensemble's sigma is the spread of "
-    "its members: it leaves out the errors they all share (the stamp's pixel noise, a common "
-    "bias)."
-)
-
-
 def uncertainty_card(study: optuna.Study, storage_url: str, record: dict[str, Any],
                      members: list[Member], spec: dict[str, Any],
                      differences: dict[str, float]) -> str:
@@ -410,20 +382,3 @@ def uncertainty_card(study: optuna.Study, storage_url: str, record: dict[str, An
         "",
     ]
     return "\n".join(lines)
-
-
-def report_section(study_attrs: dict[str, Any]) -> str | None:
-    """HTML of the report's calibration section, or None when no uncertainty was exported."""
-    stored = study_attrs.get(UNCERTAINTY_ATTR)
-    if not isinstance(stored, dict) or not stored:
-        return None
-    rows, references = [], {}
-    for record in stored.values():
-        export_row, reference_row = calibration_rows(record)
-        rows.append(export_row)
-        references.setdefault(reference_row[0], (reference_row, record["reference"]))
-    rows += [row for row, _ in references.values()]
-    described = [f"Reference: {ref['description']}." for _, ref in references.values()
-                 if ref.get("description")]
-    return (note(CALIBRATION_NOTE) + html_table(CALIBRATION_HEADER, rows, "calibration-table")
-            + "".join(note(line) for line in described))

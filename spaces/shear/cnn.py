@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lensnas.spaces.d4 import D4Symmetrized
-from lensnas.spaces.family import Choice, Family, Range
+from lensnas.spaces.family import TRAINING_RULES, Choice, Family, Range
 from lensnas.spaces.layers import ACTIVATIONS, NORMALIZATIONS, activation, normalization
 from lensnas.spaces.shear.blocks import (
     POOLINGS,
@@ -238,23 +238,6 @@ def check_stamps(spec: dict[str, Any], x: Any) -> list[str]:
         "are meaningless")
     ]
 
-
-TRAINING_RULES = {
-    "learning_rate": Range(1e-7, 1.0),
-    "batch_size": Range(1, 65536, integer=True),
-    "epochs": Range(1, 10000, integer=True),
-    "weight_decay": Range(0.0, 1.0),
-    # the training recipe (lensnas.objectives.training.RECIPE_DEFAULTS)
-    "lr_schedule": Choice(("constant", "cosine", "onecycle", "plateau")),
-    "warmup_fraction": Range(0.0, 0.5),
-    "optimizer": Choice(("adamw", "sgd")),
-    "momentum": Range(0.0, 0.999),
-    "grad_clip": Range(0.0, 1e6),
-    "ema_decay": Range(0.0, 0.99999),
-    "precision": Choice(("fp32", "bf16")),
-    "channels_last": Choice((True, False)),
-    "compile": Choice((True, False)),
-}
 
 # ShearNet's small CNN: conv 16 3x3 + avg-pool 2, conv 32 3x3 + avg-pool 2, dense 128, 2 outputs.
 SHEARNET_CNN = {

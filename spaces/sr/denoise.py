@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lensnas.spaces.family import Choice, Family, Range
+from lensnas.spaces.family import TRAINING_RULES, Choice, Family, Range
 from lensnas.spaces.layers import NORMALIZATIONS, normalization
-from lensnas.spaces.shear.cnn import TRAINING_RULES
-from lensnas.spaces.sr.net import SR_ACTIVATIONS, conv, sr_activation
+from lensnas.spaces.sr.layers import SR_ACTIVATIONS, conv, sr_activation
 
 NOISE_TYPES = ("gaussian", "poisson", "uniform", "salt_and_pepper")
 MAX_NOISE_LEVEL = 1.0

@@ -45,9 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lensnas.spaces.family import Choice, Family, Range
+from lensnas.spaces.family import TRAINING_RULES, Choice, Family, Range
 from lensnas.spaces.layers import NORMALIZATIONS, normalization
-from lensnas.spaces.shear.cnn import TRAINING_RULES
 from lensnas.spaces.sr.adversary import DISCRIMINATORS
 from lensnas.spaces.sr.backbones import LapSRNBody, RCANBody, ViTHybridBody
 from lensnas.spaces.sr.layers import (
@@ -203,7 +202,7 @@ class SRNet(nn.Module):
         self.global_skip = bool(config["global_skip"]) and backbone != "lapsrn"
         self.denoiser: nn.Module | None = None
         if config["backbone"] == "denoised_sisr":
-            from lensnas.spaces.sr.denoise import DenoiseNet  # denoise_net imports this module
+            from lensnas.spaces.sr.denoise import DenoiseNet
 
             self.denoiser = DenoiseNet(denoiser or denoiser_config(config), in_channels)
         self.body = SISR_BODIES[backbone](config, in_channels, scale)
