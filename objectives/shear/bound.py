@@ -63,11 +63,14 @@ class ShearBound:
     fisher_per_unit_sigma: np.ndarray  # (N, 6, 6), PARAMETERS order, at pixel noise sigma 1
     bound_per_unit_sigma: np.ndarray  # (N, 2): bound on (g1, g2) at pixel noise sigma 1
 
-    def at(self, noise_sigma: float) -> np.ndarray:
-        """Per-galaxy bounds (N, 2) on (g1, g2) at pixel noise ``noise_sigma`` (unit-flux units)."""
-        return noise_sigma * np.asarray(self.bound_per_unit_sigma, dtype=np.float64)
+    def at(self, noise_sigma: float | np.ndarray) -> np.ndarray:
+        """Per-galaxy bounds (N, 2) on (g1, g2) at pixel noise ``noise_sigma`` (unit-flux units;
+        one number, or each galaxy's own (N,))."""
+        sigma = np.asarray(noise_sigma, dtype=np.float64)
+        return (sigma[:, None] if sigma.ndim else sigma) * np.asarray(
+            self.bound_per_unit_sigma, dtype=np.float64)
 
-    def rmse(self, noise_sigma: float) -> float:
+    def rmse(self, noise_sigma: float | np.ndarray) -> float:
         """The population's RMS bound at pixel noise ``noise_sigma``."""
         return crb_rmse(self.at(noise_sigma))
 
@@ -101,15 +104,18 @@ def model_derivatives(
     shear_step: float = SHEAR_STEP,
     centroid_step_pixels: float = CENTROID_STEP_PIXELS,
     size_step_fraction: float = SIZE_STEP_FRACTION,
+    offset: tuple[float, float] = (0.0, 0.0),
 ) -> np.ndarray:
-    """dI/dp (6, H, W) for the PARAMETERS, by central finite differences (flux: exact)."""
+    """dI/dp (6, H, W) for the PARAMETERS, by central finite differences (flux: exact), for a
+    galaxy ``offset`` (x, y in arcsec) from the stamp centre."""
     g1, g2 = float(shear[0]), float(shear[1])
     shift = centroid_step_pixels * simulation.pixel_scale
     size_step = size_step_fraction * half_light_radius
 
     def draw(radius: float = half_light_radius, g: tuple[float, float] = (g1, g2),
              centroid: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-        return model_image(simulation, radius, flux, intrinsic_g, g, centroid)
+        moved = (offset[0] + centroid[0], offset[1] + centroid[1])
+        return model_image(simulation, radius, flux, intrinsic_g, g, moved)
 
     return np.stack([
         (draw(g=(g1 + shear_step, g2)) - draw(g=(g1 - shear_step, g2))) / (2 * shear_step),
@@ -128,7 +134,7 @@ def fisher_matrix(
     flux: float,
     intrinsic_g: tuple[float, float],
     shear: tuple[float, float],
-    **steps: float,
+    **steps: Any,
 ) -> np.ndarray:
     """The Fisher matrix (6, 6) of one galaxy's PARAMETERS at pixel noise sigma 1."""
     derivatives = model_derivatives(
@@ -166,13 +172,18 @@ def crb_rmse(bounds: np.ndarray) -> float:
 def _fisher_chunk(
     simulation: GalaxySimulation, population: dict[str, np.ndarray], first_index: int
 ) -> tuple[int, np.ndarray]:
-    """Worker: the Fisher matrices (n, 6, 6) of one chunk of galaxies."""
+    """Worker: the Fisher matrices (n, 6, 6) of one chunk of galaxies, each with its own PSF,
+    profile and centroid offset where they vary."""
     count = len(population["flux"])
     fisher = np.empty((count, len(PARAMETERS), len(PARAMETERS)))
     for i in range(count):
+        offset = (0.0, 0.0)
+        if "centroid_offset" in population:
+            offset = tuple(float(v) * simulation.pixel_scale for v in population["centroid_offset"][i])
         fisher[i] = fisher_matrix(
-            simulation, float(population["half_light_radius"][i]), float(population["flux"][i]),
-            tuple(population["intrinsic_g"][i]), tuple(population["shear"][i]),
+            simulation.for_galaxy(population, i), float(population["half_light_radius"][i]),
+            float(population["flux"][i]), tuple(population["intrinsic_g"][i]),
+            tuple(population["shear"][i]), offset=offset,
         )
     return first_index, fisher
 
@@ -185,8 +196,9 @@ def fisher_matrices(
     on_progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Fisher matrices (N, 6, 6) at unit noise of every galaxy of ``population`` (keys
-    half_light_radius, flux, intrinsic_g, shear), in chunks over ``workers`` processes
-    (default: all CPU cores), with a progress bar when ``progress``."""
+    half_light_radius, flux, intrinsic_g, shear, and the per-galaxy values of a varied
+    simulation), in chunks over ``workers`` processes (default: all CPU cores), with a progress
+    bar when ``progress``."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -195,8 +207,10 @@ def fisher_matrices(
         TimeRemainingColumn,
     )
 
+    keys = ("half_light_radius", "flux", "intrinsic_g", "shear", *simulation.varied(),
+            "centroid_offset")
     population = {key: np.asarray(population[key], dtype=np.float64)
-                  for key in ("half_light_radius", "flux", "intrinsic_g", "shear")}
+                  for key in keys if key in population}
     count = len(population["flux"])
     workers = cpu_count() if workers is None else workers
     chunk = int(min(64, max(1, math.ceil(count / (max(workers, 1) * 8)))))

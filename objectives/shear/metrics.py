@@ -98,18 +98,21 @@ def paired_bias(
 
 
 def shear_metrics(
-    estimate: np.ndarray, truth: np.ndarray, estimate_minus: np.ndarray | None = None, prefix: str = ""
+    estimate: np.ndarray, truth: np.ndarray, estimate_minus: np.ndarray | None = None, prefix: str = "",
+    shear: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All shear metrics as a flat dict: rmse, rmse_g1, rmse_g2, linear m/c (+ errors),
     paired m/c when ``estimate_minus`` is given, and ``abs_m`` (the largest |m|, paired if
-    available)."""
+    available). RMSEs are against ``truth`` (the labels); m and c against the applied
+    ``shear`` when given (with intrinsic shapes the labels are sheared ellipticities)."""
     rmse_g1, rmse_g2, rmse_all = rmse(estimate, truth)
+    shear = truth if shear is None else shear
     out = {f"{prefix}rmse": rmse_all, f"{prefix}rmse_g1": rmse_g1, f"{prefix}rmse_g2": rmse_g2}
-    linear = linear_bias(estimate, truth)
+    linear = linear_bias(estimate, shear)
     out.update(linear.as_dict(prefix=f"{prefix}linear_"))
     headline = linear
     if estimate_minus is not None:
-        headline = paired_bias(estimate, estimate_minus, truth)
+        headline = paired_bias(estimate, estimate_minus, shear)
         out.update(headline.as_dict(prefix=f"{prefix}paired_"))
     out.update(headline.as_dict(prefix=prefix))
     out[f"{prefix}abs_m"] = max(abs(headline.m[0]), abs(headline.m[1]))
@@ -123,3 +126,52 @@ NOISE_PREFIX = "noise_"
 def noise_prefix(noise_sigma: float) -> str:
     """Prefix of the metrics measured on the test set at another noise level (``noise_0.001_rmse``)."""
     return f"{NOISE_PREFIX}{noise_sigma:g}_"
+
+
+def _leakage(x: np.ndarray, half_sum: np.ndarray) -> float:
+    """alpha of one component: the slope of the half-sums against a varying PSF ellipticity,
+    or their mean over a fixed one."""
+    if np.ptp(x) > 0:
+        return float(np.polyfit(x, half_sum, 1)[0])
+    return float(np.mean(half_sum) / x[0])
+
+
+def psf_leakage(
+    plus: np.ndarray, minus: np.ndarray, psf_g: np.ndarray, n_blocks: int = 100
+) -> dict[str, float]:
+    """PSF leakage alpha per component (c_i = alpha_i e_psf,i) from paired estimates: the
+    half-sum (e+ + e-)/2 of each pair against its PSF's ellipticity ``psf_g`` (N, 2), a straight
+    line where the PSF ellipticity varies, else their ratio; jackknife errors. Components whose
+    PSF is round everywhere are left out."""
+    plus, minus, psf_g = (np.asarray(a, float) for a in (plus, minus, psf_g))
+    half_sum = (plus + minus) / 2
+    count = len(psf_g)
+    blocks = np.array_split(np.arange(count), max(2, min(n_blocks, count)))
+    out: dict[str, float] = {}
+    for i in (0, 1):
+        x, y = psf_g[:, i], half_sum[:, i]
+        if not np.any(x):
+            continue
+        samples = []
+        for block in blocks:
+            keep = np.ones(count, bool)
+            keep[block] = False
+            samples.append(_leakage(x[keep], y[keep]))
+        samples = np.array(samples)
+        error = np.sqrt((len(blocks) - 1) / len(blocks) * np.sum((samples - samples.mean()) ** 2))
+        out[f"alpha{i + 1}"], out[f"alpha{i + 1}_err"] = _leakage(x, y), float(error)
+    return out
+
+
+def worst_bias(populations: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
+    """``worst_abs_m`` and ``worst_abs_c`` over populations (each a dict with m1, m1_err, ...):
+    the largest |m| (|c|) of any component of any population, with that value's error."""
+    out: dict[str, float] = {}
+    for kind in ("m", "c"):
+        found = [(abs(values[f"{prefix}{kind}{i}"]), values.get(f"{prefix}{kind}{i}_err", float("nan")))
+                 for values in populations.values() for i in (1, 2)
+                 if np.isfinite(values.get(f"{prefix}{kind}{i}", float("nan")))]
+        if found:
+            worst, error = max(found)
+            out[f"{prefix}worst_abs_{kind}"], out[f"{prefix}worst_abs_{kind}_err"] = worst, float(error)
+    return out

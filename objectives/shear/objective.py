@@ -25,16 +25,21 @@ from lensnas.objectives.diagnostics import shear_residual_figure
 from lensnas.objectives.options import check_options, require
 from lensnas.objectives.shear.bound import ShearBound, bound_baseline, cached_bound
 from lensnas.objectives.shear.data import (
+    LOG_UNIFORM_KEYS,
+    MIX_KEYS,
     PROFILES,
     PSF_PROFILES,
+    RANGE_KEYS,
     SPLITS,
     GalaxySimulation,
     noiseless_images,
     simulate,
+    simulate_split,
     simulate_test_at_noise,
     simulation_config,
+    split_seeds,
 )
-from lensnas.objectives.shear.metrics import rmse, shear_metrics
+from lensnas.objectives.shear.metrics import psf_leakage, rmse, shear_metrics, worst_bias
 from lensnas.objectives.shear.ngmix_backend import INSTALL_HINT
 from lensnas.objectives.shear.reference import cached_measure, is_available
 from lensnas.objectives.training import REGRESSION_LOSSES, predict
@@ -45,6 +50,13 @@ from lensnas.spaces.shear.cnn import SHEAR_CNN
 logger = logging.getLogger("lensnas.shear")
 
 SIMULATION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GalaxySimulation)}
+# What a test population may change: any simulation key but the stamp size (the network's input).
+POPULATION_KEYS = tuple(key for key in SIMULATION_DEFAULTS if key != "stamp_size")
+POPULATIONS = "populations"  # trial attribute: {population name: its metrics}
+TRAINING_POPULATION = "training"  # the name of the study's own test set among the populations
+POPULATION_METRICS = ("rmse", "m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err",
+                      "abs_m", "abs_c")
+MIX_CHOICES = {"profile": PROFILES, "psf_profile": PSF_PROFILES}
 REFERENCES = ("none", "metacal", "hsm", "ngmix")
 RELATIVE_METRICS = ("rmse_ratio", "rmse_ratio_object", "abs_m_diff", "ref_rmse_over_crb",
                     "ref_object_rmse_over_crb")
@@ -53,7 +65,8 @@ NOISE_LEVELS = "noise_levels"  # trial attribute: {noise sigma: {metric: value}}
 
 
 class StampInputs:
-    """Array-like (N, C, H, W) view of (N, H, W) stamps, optionally with the PSF image as channel 2."""
+    """Array-like (N, C, H, W) view of (N, H, W) stamps, optionally with the PSF image as
+    channel 1: one (H, W) for every stamp, or each stamp's own (N, H, W)."""
 
     def __init__(self, images: np.ndarray, psf_image: np.ndarray | None = None):
         self.images = images
@@ -66,8 +79,86 @@ class StampInputs:
         stamps = np.asarray(self.images[index], dtype=np.float32)[:, None]
         if self.psf_image is None:
             return stamps
-        psf = np.broadcast_to(self.psf_image, stamps.shape)
+        psf = self.psf_image if self.psf_image.ndim == 2 else self.psf_image[index]
+        psf = np.broadcast_to(np.asarray(psf, dtype=np.float32)[..., None, :, :] if psf.ndim == 3
+                              else psf, stamps.shape)
         return np.concatenate([stamps, psf], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestPopulation:
+    """A named test population: the study's test galaxies with some simulation keys changed,
+    rendered at +g and -g (``arrays``: images, images_minus, labels, shear, psf_images, ...)."""
+
+    name: str
+    simulation: GalaxySimulation
+    arrays: dict[str, np.ndarray]
+    key: str  # content hash of its configuration (its cache key)
+
+    def psf(self, fallback: np.ndarray | None) -> np.ndarray | None:
+        """Each galaxy's PSF image where the PSF varies, else the one PSF image."""
+        if "psf_images" in self.arrays:
+            return self.arrays["psf_images"]
+        return self.simulation.psf_image() if fallback is None else fallback
+
+    def psf_g(self) -> np.ndarray:
+        """Each galaxy's PSF ellipticity (N, 2)."""
+        count = len(self.arrays["labels"])
+        return np.stack([np.broadcast_to(np.asarray(
+            self.arrays.get(key, getattr(self.simulation, key)), dtype=np.float64), (count,))
+            for key in ("psf_g1", "psf_g2")], axis=1)
+
+
+def _check_varied(value: Any, key: str, where: str) -> Any:
+    """A range [low, high] (RANGE_KEYS) or a mix of names (MIX_KEYS) as a tuple; SpaceError
+    naming ``where`` otherwise."""
+    if key in MIX_KEYS:
+        allowed = MIX_CHOICES[key]
+        require(len(value) > 0 and all(v in allowed for v in value) and len(set(value)) == len(value),
+                where, f"must be one of {', '.join(allowed)} or a list of distinct ones, got {value!r}")
+        return tuple(value)
+    require(len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+            where, f"must be a number or a range [low, high], got {value!r}")
+    low, high = (float(v) for v in value)
+    require(low <= high, where, f"impossible range: low {low:g} > high {high:g}")
+    if key in LOG_UNIFORM_KEYS:
+        require(low > 0, where, f"a range is drawn log-uniformly: low must be > 0, got {low:g}")
+    return (low, high)
+
+
+def _lowest(value: Any) -> float:
+    return min(value) if isinstance(value, tuple) else value
+
+
+def _check_simulation(table: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Validated simulation keys (defaults filled in); ranges and mixes as tuples."""
+    table = dict(table)
+    varied = {key: table.pop(key) for key in (*RANGE_KEYS, *MIX_KEYS)
+              if isinstance(table.get(key), (list, tuple))}
+    options = check_options(table, SIMULATION_DEFAULTS, prefix)
+    for key, value in varied.items():
+        options[key] = _check_varied(value, key, f"{prefix}.{key}")
+    require(8 <= options["stamp_size"] <= 512, f"{prefix}.stamp_size", f"must be in 8..512, got {options['stamp_size']}")
+    for key in ("pixel_scale", "psf_fwhm", "half_light_radius_min", "flux_min", "sersic_index"):
+        require(_lowest(options[key]) > 0, f"{prefix}.{key}", f"must be positive, got {options[key]}")
+    require(_lowest(options["noise_sigma"]) >= 0, f"{prefix}.noise_sigma", f"must be >= 0, got {options['noise_sigma']}")
+    for low, high in (("half_light_radius_min", "half_light_radius_max"), ("flux_min", "flux_max")):
+        require(options[low] <= options[high], f"{prefix}.{high}", f"impossible range: {low}={options[low]} > {high}={options[high]}")
+    require(0 <= options["shear_max"] < 1, f"{prefix}.shear_max", f"must be in [0, 1), got {options['shear_max']}")
+    require(0 <= options["shear_fixed"] < 1, f"{prefix}.shear_fixed", f"must be in [0, 1) (0: shears drawn in |g| <= shear_max), got {options['shear_fixed']}")
+    require(0 <= options["bulge_fraction"] <= 1, f"{prefix}.bulge_fraction", "must be in [0, 1]")
+    require(_lowest(options["psf_beta"]) > 1.1, f"{prefix}.psf_beta", f"must be > 1.1, got {options['psf_beta']}")
+    for key in ("psf_g1", "psf_g2"):
+        value = options[key]
+        require(all(abs(v) < 0.5 for v in (value if isinstance(value, tuple) else (value,))),
+                f"{prefix}.{key}", f"must be in (-0.5, 0.5), got {value}")
+    require(0 <= options["intrinsic_ellipticity_sigma"] < 1, f"{prefix}.intrinsic_ellipticity_sigma", "must be in [0, 1) (0.26 is typical of real galaxies)")
+    require(0 <= options["centroid_offset_pixels"] <= options["stamp_size"] / 4, f"{prefix}.centroid_offset_pixels",
+            f"must be in 0..stamp_size/4 pixels, got {options['centroid_offset_pixels']}")
+    for key, allowed in (("profile", PROFILES), ("psf_profile", PSF_PROFILES)):
+        require(isinstance(options[key], tuple) or options[key] in allowed, f"{prefix}.{key}",
+                f"must be one of {', '.join(allowed)} (or a list of them), got {options[key]!r}")
+    return options
 
 
 def _bias_metrics(prefix: str, what: str) -> dict[str, Metric]:
@@ -90,6 +181,7 @@ class ShearObjective(Objective):
         "psf_channel": False,
         "reference": "metacal",
         "test_noise_levels": [],  # the test set again at these noise sigmas (network and reference)
+        "test_populations": {},  # name -> simulation keys changed: the test galaxies again, changed
         **SIMULATION_DEFAULTS,
     }
     METRICS: ClassVar[dict[str, Metric]] = {
@@ -116,6 +208,12 @@ class ShearObjective(Objective):
         "ref_object_rmse_over_crb": Metric(
             "minimize", "reference RMSE (each galaxy's own response) / Cramér-Rao bound"),
         **_bias_metrics("linear_", "straight-line fit of estimate against truth"),
+        "worst_abs_m": Metric(
+            "minimize", "largest |m| of either component over the test populations and the "
+            "training population's test set (paired; its jackknife error in worst_abs_m_err)"),
+        "worst_abs_c": Metric(
+            "minimize", "largest |c| of either component over the test populations and the "
+            "training population's test set"),
         "validation_score": Metric("minimize", "best per-epoch validation RMSE of g"),
         "n_params": Metric("minimize", "trainable parameters"),
         "train_seconds": Metric("minimize", "training time in seconds"),
@@ -139,6 +237,7 @@ class ShearObjective(Objective):
         self.reference_estimate: np.ndarray | None = None
         self.bound: ShearBound | None = None
         self.noise_tests: dict[float, dict[str, np.ndarray]] = {}
+        self.populations: dict[str, TestPopulation] = {}
         self.input_scale = 1.0
         self._test_estimate: np.ndarray | None = None
         self._noiseless: np.ndarray | None = None
@@ -146,27 +245,24 @@ class ShearObjective(Objective):
     @classmethod
     def check_options(cls, table: dict[str, Any], prefix: str = "objective") -> dict[str, Any]:
         """Validated ``[objective]`` options (defaults filled in)."""
-        options = check_options(table, cls.OPTIONS, prefix)
+        if not isinstance(table, dict):
+            require(False, prefix, f"must be a table, got {type(table).__name__}")
+        simulation = {key: value for key, value in table.items() if key in SIMULATION_DEFAULTS}
+        rest = {key: value for key, value in table.items() if key not in SIMULATION_DEFAULTS}
+        options = {**check_options(rest, cls.OPTIONS, prefix), **_check_simulation(simulation, prefix)}
         for key in ("n_train", "n_validation", "n_test"):
             require(options[key] >= 2, f"{prefix}.{key}", f"must be at least 2, got {options[key]}")
-        require(8 <= options["stamp_size"] <= 512, f"{prefix}.stamp_size", f"must be in 8..512, got {options['stamp_size']}")
-        for key in ("pixel_scale", "psf_fwhm", "half_light_radius_min", "flux_min", "sersic_index"):
-            require(options[key] > 0, f"{prefix}.{key}", f"must be positive, got {options[key]}")
-        require(options["noise_sigma"] >= 0, f"{prefix}.noise_sigma", f"must be >= 0, got {options['noise_sigma']}")
-        for low, high in (("half_light_radius_min", "half_light_radius_max"), ("flux_min", "flux_max")):
-            require(options[low] <= options[high], f"{prefix}.{high}", f"impossible range: {low}={options[low]} > {high}={options[high]}")
-        require(0 <= options["shear_max"] < 1, f"{prefix}.shear_max", f"must be in [0, 1), got {options['shear_max']}")
-        require(0 <= options["bulge_fraction"] <= 1, f"{prefix}.bulge_fraction", "must be in [0, 1]")
-        require(options["psf_beta"] > 1.1, f"{prefix}.psf_beta", f"must be > 1.1, got {options['psf_beta']}")
-        require(options["intrinsic_ellipticity_sigma"] >= 0, f"{prefix}.intrinsic_ellipticity_sigma", "must be >= 0")
-        for key, allowed in (("profile", PROFILES), ("psf_profile", PSF_PROFILES), ("reference", REFERENCES)):
-            require(options[key] in allowed, f"{prefix}.{key}", f"must be one of {', '.join(allowed)}, got {options[key]!r}")
+        require(options["reference"] in REFERENCES, f"{prefix}.reference",
+                f"must be one of {', '.join(REFERENCES)}, got {options['reference']!r}")
         if options["reference"] != "none":
             require(is_available(options["reference"]), f"{prefix}.reference", f"{INSTALL_HINT}; or use metacal, hsm")
         levels = options["test_noise_levels"]
         require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1000 for v in levels),
                 f"{prefix}.test_noise_levels", f"must be noise sigmas in [0, 1000), got {levels!r}")
+        require(not levels or not isinstance(options["noise_sigma"], tuple), f"{prefix}.test_noise_levels",
+                "needs one noise_sigma, not a range")
         options["test_noise_levels"] = sorted({float(v) for v in levels} - {options["noise_sigma"]})
+        options["test_populations"] = _check_populations(options, prefix)
         return options
 
     @classmethod
@@ -193,21 +289,38 @@ class ShearObjective(Objective):
             arrays = simulate(self.simulation, self.counts, self.seed, lambda n: bar.advance(task, n))
         return arrays, {}
 
+    def split_arrays(self, split: str) -> dict[str, np.ndarray]:
+        """One split's arrays by name (images, labels, shear, per-galaxy values, ...)."""
+        prefix = f"{split}."
+        arrays = {key[len(prefix):]: value for key, value in self.data.items() if key.startswith(prefix)}
+        arrays.setdefault("shear", arrays["labels"])  # datasets cached before "shear" was stored
+        return arrays
+
+    def split_psf(self, split: str) -> np.ndarray:
+        """The PSF image of a split's galaxies: (H, W), or each galaxy's own (N, H, W)."""
+        return self.data.get(f"{split}.psf_images", self.data.get("psf_image"))
+
+    def split_noise_sigma(self, split: str) -> float | np.ndarray:
+        """The pixel noise sigma of a split's galaxies: one number, or each galaxy's (N,)."""
+        return self.data.get(f"{split}.noise_sigma", self.simulation.noise_sigma)
+
     def after_load(self) -> None:
         """Input scaling, the reference estimator and the Cramér-Rao bound on the test set (once,
-        cached), and the test set at each extra noise level."""
+        cached), the test set at each extra noise level, and each test population."""
         logger.info("shear dataset %s (%s)", self.dataset_key, "cache hit" if self.cache_hit else "simulated")
         self.input_scale = 1.0 / float(np.std(self.data["train.images"][:1000]) or 1.0)
-        test = {name: self.data[f"test.{name}"] for name in ("images", "images_minus", "labels")}
+        test = self.split_arrays("test")
         self.baselines, self.reference_estimate = self._reference_baselines(
-            test, self.simulation.noise_sigma, self.dataset_key
+            test, self.split_psf("test"), self.simulation.typical_noise_sigma, self.dataset_key
         )
-        population = {name: self.data[f"test.{name}"]
-                      for name in ("half_light_radius", "flux", "intrinsic_g")}
-        population["shear"] = self.data["test.labels"]
+        # The bound on the label: a round galaxy sheared to the label is the same image as the
+        # intrinsic shape sheared by g (shear composition leaves only a rotation of a round one).
+        population = {**test, "intrinsic_g": np.zeros_like(test["labels"], dtype=np.float64),
+                      "shear": test["labels"]}
         self.bound, _ = cached_bound(self.simulation, population, self.cache_dir, self.dataset_key,
                                      self.progress)
-        self.baselines.append(bound_baseline(self.bound, self.simulation.noise_sigma))
+        self.baselines.append(bound_baseline(self.bound, self.split_noise_sigma("test")))
+        self._load_populations()
         for level in self.options["test_noise_levels"]:
             config = {"dataset": self.dataset_config(), "test_noise_sigma": level}
             self.noise_tests[level], _, _ = cached_arrays(
@@ -215,12 +328,41 @@ class ShearObjective(Objective):
                     simulate_test_at_noise(self.simulation, self.counts["test"], self.seed, level), {}
                 ),
             )
-            baselines, _ = self._reference_baselines(self.noise_tests[level], level, config_hash(config))
+            noisy = {**self.noise_tests[level]}
+            noisy.setdefault("shear", noisy["labels"])
+            baselines, _ = self._reference_baselines(noisy, self.split_psf("test"), level, config_hash(config))
             self.baselines += [dataclasses.replace(b, conditions={"noise_sigma": level}) for b in baselines]
             self.baselines.append(bound_baseline(self.bound, level, {"noise_sigma": level}))
 
+    def _load_populations(self) -> None:
+        """Each test population simulated once (cached): the test split's own galaxies, seeds and
+        noise with its keys changed, paired; the reference estimator on it (cached)."""
+        from rich.progress import Progress
+
+        for name, changes in self.options["test_populations"].items():
+            simulation = dataclasses.replace(self.simulation, **changes)
+            config = {"simulation": simulation_config(simulation), "count": self.counts["test"],
+                      "seed": self.seed, "split": "test", "version": 1}
+
+            def build(simulation: GalaxySimulation = simulation, name: str = name
+                      ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                with Progress(disable=not self.progress, transient=True) as bar:
+                    task = bar.add_task(f"test population {name}", total=2 * self.counts["test"])
+                    arrays = simulate_split(simulation, split_seeds(self.seed)["test"], self.counts["test"],
+                                            paired=True, on_progress=lambda n: bar.advance(task, n))
+                return arrays, {}
+
+            arrays, _, _ = cached_arrays(self.cache_dir, "shear-population", config, build)
+            population = TestPopulation(name, simulation, dict(arrays), config_hash(config))
+            self.populations[name] = population
+            baselines, _ = self._reference_baselines(
+                population.arrays, population.psf(None), simulation.typical_noise_sigma, population.key,
+                simulation.pixel_scale)
+            self.baselines += [dataclasses.replace(b, conditions={"population": name}) for b in baselines]
+
     def _reference_baselines(
-        self, test: dict[str, np.ndarray], noise_sigma: float, dataset_key: str
+        self, test: dict[str, np.ndarray], psf: np.ndarray, noise_sigma: float, dataset_key: str,
+        pixel_scale: float | None = None,
     ) -> tuple[list[Baseline], np.ndarray | None]:
         """The reference estimator on a paired test set (computed once, cached): its rows
         (mean response; each galaxy's own response) and its per-galaxy estimates."""
@@ -229,14 +371,15 @@ class ShearObjective(Objective):
             return [], None
         results = [
             cached_measure(
-                name, test[images], self.data["psf_image"], self.simulation.pixel_scale,
+                name, test[images], psf, pixel_scale or self.simulation.pixel_scale,
                 noise_sigma, cache_dir=self.cache_dir,
                 dataset_key=f"{dataset_key}-test.{images}", progress=self.progress,
             )
             for images in ("images", "images_minus")
         ]
         ok = results[0].ok & results[1].ok
-        metrics = shear_metrics(results[0].g[ok], test["labels"][ok], results[1].g[ok])
+        metrics = shear_metrics(results[0].g[ok], test["labels"][ok], results[1].g[ok],
+                                shear=test["shear"][ok])
         metrics["n_failed"] = float(np.count_nonzero(~ok))
         metrics["galaxies_per_core_second"] = results[0].galaxies_per_core_second
         rows = []
@@ -265,7 +408,7 @@ class ShearObjective(Objective):
 
     def inputs(self, split: str, name: str = "images") -> StampInputs:
         """The network inputs for one split (``name`` = "images" or, for test, "images_minus")."""
-        return self.stamp_inputs(self.data[f"{split}.{name}"])
+        return self.stamp_inputs(self.data[f"{split}.{name}"], self.split_psf(split))
 
     def examples(self, split: str) -> tuple[StampInputs, np.ndarray]:
         """The stamps of ``split`` and their shears (N, 2)."""
@@ -278,9 +421,12 @@ class ShearObjective(Objective):
 
         return reference_errors(self)
 
-    def stamp_inputs(self, images: np.ndarray) -> StampInputs:
-        """Network inputs for (N, H, W) stamps of this study's simulation."""
-        return StampInputs(images, self.data["psf_image"] if self.options["psf_channel"] else None)
+    def stamp_inputs(self, images: np.ndarray, psf: np.ndarray | None = None) -> StampInputs:
+        """Network inputs for (N, H, W) stamps whose PSF image is ``psf`` ((H, W) or one per
+        stamp; default: the study's one PSF); the PSF is channel 1 when the study asks."""
+        if not self.options["psf_channel"]:
+            return StampInputs(images)
+        return StampInputs(images, self.data["psf_image"] if psf is None else psf)
 
     def architecture_arguments(self) -> dict[str, Any]:
         return {
@@ -302,25 +448,36 @@ class ShearObjective(Objective):
     def training_data(self, config: dict[str, Any]) -> tuple[Any, Any]:
         """The training stamps; with ``fresh_noise`` their noiseless renderings (the noise is
         drawn anew for every batch by :meth:`batch_transform`)."""
+        labels = self.data["train.labels"]
         if not config.get("fresh_noise"):
-            return self.inputs("train"), self.data["train.labels"]
+            return self.inputs("train"), labels
+        sigma = self.data.get("train.noise_sigma")
         if self._noiseless is None:
             config_key = {"dataset": self.dataset_key, "split": "train", "noiseless": True}
             arrays, _, _ = cached_arrays(self.cache_dir, "shear-noiseless", config_key, lambda: (
                 {"images": noiseless_images(self.simulation, self.data["train.images"], self.seed,
-                                            "train")}, {}))
+                                            "train", noise_sigma=sigma)}, {}))
             self._noiseless = arrays["images"]
-        return self.stamp_inputs(self._noiseless), self.data["train.labels"]
+        if sigma is not None:  # each galaxy's noise sigma rides beside its label to batch_transform
+            labels = np.concatenate([labels, np.asarray(sigma, np.float32)[:, None]], axis=1)
+        return self.stamp_inputs(self._noiseless, self.split_psf("train")), labels
 
     def batch_transform(self, config: dict[str, Any]) -> Any:
-        """Fresh pixel noise (galaxy channel only) and/or a random D4 element per batch."""
-        sigma = self.simulation.noise_sigma if config.get("fresh_noise") else 0.0
+        """Fresh pixel noise (galaxy channel only; each galaxy's own sigma where it varies) and/or
+        a random D4 element per batch."""
+        fresh = bool(config.get("fresh_noise"))
+        per_galaxy = fresh and "train.noise_sigma" in self.data
+        sigma = self.simulation.noise_sigma if fresh and not per_galaxy else 0.0
         d4 = config.get("augment", "none") == "d4"
-        if not sigma and not d4:
+        if not sigma and not d4 and not per_galaxy:
             return None
 
         def transform(x: torch.Tensor, g: torch.Tensor, generator: torch.Generator):
-            if sigma:
+            if per_galaxy:
+                g, level = g[:, :2], g[:, 2]
+                noise = torch.randn(x[:, :1].shape, generator=generator, device=x.device)
+                x = torch.cat([x[:, :1] + noise * level[:, None, None, None], x[:, 1:]], dim=1)
+            elif sigma:
                 noise = torch.randn(x[:, :1].shape, generator=generator, device=x.device) * sigma
                 x = torch.cat([x[:, :1] + noise, x[:, 1:]], dim=1)
             return random_transform(x, g, generator) if d4 else (x, g)
@@ -329,13 +486,14 @@ class ShearObjective(Objective):
 
     @classmethod
     def check_training(cls, training: dict[str, Any], space: list[Any], options: dict[str, Any]) -> None:
-        """D4 augmentation and symmetrization need a PSF that D4 maps onto itself; a PSF
-        branch needs the PSF image as an input channel."""
+        """D4 augmentation and symmetrization need a PSF that D4 maps onto itself, or the PSF
+        image as an input channel (then D4 acts on both); a PSF branch needs that channel."""
         checks = [("psf_branch", True, ("needs the PSF image as a second input channel: set "
                    "objective.psf_channel = true"), "false")] if not options["psf_channel"] else []
-        if options["psf_g1"] or options["psf_g2"]:
+        if (options["psf_g1"] or options["psf_g2"]) and not options["psf_channel"]:
             why = (f"needs a D4-symmetric PSF, but objective.psf_g1/psf_g2 = {options['psf_g1']}, "
-                   f"{options['psf_g2']} make it elliptical")
+                   f"{options['psf_g2']} make it elliptical (or give the network the PSF: "
+                   "objective.psf_channel = true)")
             checks += [("augment", "d4", why, "none"), ("symmetrize", True, why, "false")]
         for key, bad, why, allowed in checks:
             possible = [training[key]] if key in training else []
@@ -362,24 +520,35 @@ class ShearObjective(Objective):
         the reference estimator measured on the same galaxies."""
         batch = max(config["batch_size"], 256)
 
+        def estimates(test: dict[str, np.ndarray], psf: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            """The network's estimates at +g and at -g of a paired test set."""
+            plus, minus = (predict(model, self.stamp_inputs(test[name], psf), batch, ctx.device)
+                           for name in ("images", "images_minus"))
+            return plus, minus
+
         def measure(
             test: dict[str, np.ndarray], references: list[Baseline]
         ) -> tuple[dict[str, float], np.ndarray]:
-            """Metrics on a paired test set, and the estimates at +g."""
-            plus, minus = (predict(model, self.stamp_inputs(test[name]), batch, ctx.device)
-                           for name in ("images", "images_minus"))
-            metrics = shear_metrics(plus, test["labels"], minus)
+            """Metrics on a paired test set of the study's PSF, and the estimates at +g."""
+            plus, minus = estimates(test, self.split_psf("test"))
+            metrics = shear_metrics(plus, test["labels"], minus, shear=test.get("shear"))
             return {**metrics, **_relative_metrics(metrics, references)}, plus
 
         own = [b for b in self.baselines if not b.conditions]
-        test = {name: self.data[f"test.{name}"] for name in ("images", "images_minus", "labels")}
-        metrics, self._test_estimate = measure(test, own)
+        metrics, self._test_estimate = measure(self.split_arrays("test"), own)
         if self.noise_tests:
             metrics[NOISE_LEVELS] = {
                 f"{level:g}": measure(noisy, [b for b in self.baselines
                                              if b.conditions.get("noise_sigma") == level])[0]
                 for level, noisy in self.noise_tests.items()
             }
+        populations = {TRAINING_POPULATION: {key: metrics[key] for key in POPULATION_METRICS}}
+        for name, population in self.populations.items():
+            plus, minus = estimates(population.arrays, population.psf(self.data.get("psf_image")))
+            populations[name] = population_metrics(population, plus, minus)
+        metrics.update(worst_bias(populations))
+        if self.populations:
+            metrics[POPULATIONS] = populations
         return metrics
 
     def figure(self, model: torch.nn.Module, path: Path) -> None:
@@ -403,6 +572,38 @@ class ShearObjective(Objective):
         from lensnas.objectives.shear.report import report_sections
 
         return report_sections(study_attrs, best)
+
+
+def population_metrics(population: TestPopulation, plus: np.ndarray, minus: np.ndarray
+                       ) -> dict[str, float]:
+    """m, c (paired, jackknife errors), RMSE and, where its PSF is elliptical, the PSF leakage
+    alpha of estimates at +g (``plus``) and -g (``minus``) of a test population."""
+    arrays = population.arrays
+    metrics = shear_metrics(plus, arrays["labels"], minus, shear=arrays.get("shear"))
+    out = {key: metrics[key] for key in POPULATION_METRICS}
+    psf_g = population.psf_g()
+    if np.any(psf_g):
+        out.update(psf_leakage(plus, minus, psf_g))
+    return out
+
+
+def _check_populations(options: dict[str, Any], prefix: str) -> dict[str, dict[str, Any]]:
+    """Each test population's changed simulation keys, validated as the whole population they
+    make (SpaceError naming ``objective.test_populations.NAME.KEY``)."""
+    checked = {}
+    base = {key: options[key] for key in SIMULATION_DEFAULTS}
+    for name, overrides in options["test_populations"].items():
+        where = f"{prefix}.test_populations.{name}"
+        require(name != TRAINING_POPULATION, where,
+                f"'{TRAINING_POPULATION}' names the study's own test set; choose another name")
+        require(isinstance(overrides, dict), where,
+                f"must be a table of simulation keys to change, got {overrides!r}")
+        for key in overrides:
+            require(key in POPULATION_KEYS, f"{where}.{key}",
+                    f"unknown key; a population may change: {', '.join(POPULATION_KEYS)}")
+        merged = _check_simulation({**base, **overrides}, where)
+        checked[name] = {key: merged[key] for key in overrides}
+    return checked
 
 
 def _relative_metrics(metrics: dict[str, float], references: list[Baseline]) -> dict[str, float]:
