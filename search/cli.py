@@ -128,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    shear = predict.add_argument_group("shear networks: the PSF and response calibration")
+    shear.add_argument(
+        "--psf", default=None, metavar="FILE",
+        help="PSF image(s) on the stamps' grid, pixel included (.npy or FITS): one (H, W) for all "
+             "stamps or one per stamp (N, H, W), normalised to unit sum; the second input "
+             "channel of networks that take the PSF (required for them), and metacal's PSF",
+    )
+    shear.add_argument(
+        "--calibrate", default=None, metavar="metacal",
+        help="metacal: calibrate the network by its response to metacal's sheared images (needs "
+             "--psf); the CSV gets g1_raw, g2_raw (the network on metacal's unsheared image), "
+             "R11, R12, R21, R22 and g1, g2 = <R>^-1 (g1_raw, g2_raw) by the mean response",
+    )
+    shear.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
+                       help="the stamps' arcsec per pixel, for --calibrate when the export "
+                            "stores none (default: the export's)")
+    shear.add_argument("--noise-sigma", type=float, default=None, metavar="SIGMA",
+                       help="the stamps' pixel noise, for metacal's noise correction with "
+                            "--calibrate (default: the export's training noise)")
 
     serve = commands.add_parser(
         "serve", help="local web page: choose an exported network, drop files, get results"
@@ -278,11 +297,18 @@ def _inspect(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from lensnas.search.results.predict import predict
 
+    responses = []
     count = predict(
         args.exported_folder, args.inputs, args.output, hdu=args.hdu, device=args.device,
-        batch_size=args.batch_size, quiet=args.quiet,
+        batch_size=args.batch_size, quiet=args.quiet, psf=args.psf, calibrate=args.calibrate,
+        pixel_scale=args.pixel_scale, noise_sigma=args.noise_sigma,
+        on_response=lambda *response: responses.append(response),
     )
     if not args.quiet:
+        for response, used, total in responses:
+            (r11, r12), (r21, r22) = response
+            print(f"mean response over {used} of {total} stamp(s): R11 {r11:.6g}, R12 {r12:.6g}, "
+                  f"R21 {r21:.6g}, R22 {r22:.6g}")
         print(f"{count} image(s) -> {args.output}")
     return 0
 

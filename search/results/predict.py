@@ -128,7 +128,14 @@ def predict(
     if len(names) != len(inputs):
         raise ValueError(f"{len(names)} names for {len(inputs)} inputs")
     stamp_spec = spec if psf is None else {**spec, "in_channels": 1}  # stamps: one channel
-    sources = [read_source(Path(path), stamp_spec, hdu, name) for path, name in zip(inputs, names)]
+    try:
+        sources = [read_source(Path(path), stamp_spec, hdu, name)
+                   for path, name in zip(inputs, names)]
+    except DataError as error:
+        if psf is None or "channel" not in error.message:
+            raise
+        raise DataError(error.path, f"{error.message}; with --psf give the stamps alone, (H, W) "
+                                    "or (N, H, W): the PSF channel comes from --psf") from None
     output = Path(output)
     targets = [] if columns else image_targets(sources, output)
     files = [file for source in sources for file in source.files]

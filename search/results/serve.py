@@ -125,10 +125,14 @@ def describe_network(name: str, folder: Path) -> Network:
     text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
     title = text.splitlines()[0].lstrip("# ") if text.startswith("# ") else name
     objective = re.search(r"objective `([^`]+)`", text)
+    returns = list(family(spec["family"]).output_columns)
+    error = ""
+    if returns[:2] == ["g1", "g2"] and int(spec.get("in_channels", 1)) == 2:
+        error = ("takes each stamp's PSF image as a second input channel, which this page does "
+                 "not upload; run lensnas predict FOLDER STAMPS --psf PSF -o shears.csv")
     return Network(
         name, folder, family=spec["family"], task=objective[1] if objective else spec["family"],
-        title=title, returns=list(family(spec["family"]).output_columns),
-        metrics=card_metrics(text)[:CARD_METRICS],
+        title=title, returns=returns, metrics=card_metrics(text)[:CARD_METRICS], error=error,
     )
 
 
