@@ -143,7 +143,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ShearObjective, d
     artifact folder)."""
     options = {
         "n_train": 256, "n_validation": 64, "n_test": 96, "stamp_size": 25, "pixel_scale": 0.2,
-        "reference": "none",
+        "reference": "none", "calibration": "metacal",
         "test_populations": {"psf_wide": {"psf_fwhm": 1.1}, "elliptical": {"psf_g1": 0.04}},
     }
     objective = ShearObjective(options, {"epochs": 2, "batch_size": 32, "width": 4},
@@ -165,10 +165,37 @@ def test_population_m_is_the_m_of_the_networks_predictions(trained) -> None:
     by_hand = np.sum(half_difference * g, axis=0) / np.sum(g * g, axis=0) - 1
     stored = metrics[POPULATIONS]["psf_wide"]
     np.testing.assert_allclose([stored["m1"], stored["m2"]], by_hand, rtol=1e-6, atol=1e-9)
-    assert stored == population_metrics(population, plus, minus)
+    assert population_metrics(population, plus, minus) == {
+        key: value for key, value in stored.items() if not key.startswith("cal_")}
     assert "alpha1" in metrics[POPULATIONS]["elliptical"] and "alpha1" not in stored
     every = [abs(v[f"m{i}"]) for v in metrics[POPULATIONS].values() for i in (1, 2)]
     assert metrics["worst_abs_m"] == max(every)
+
+
+def test_calibrated_metrics_divide_by_the_mean_metacal_response(trained) -> None:
+    """cal_m of a population: the network's estimates on metacal's noshear images at +g and -g,
+    divided by its mean response to the sheared ones, measured by hand."""
+    objective, metrics, folder = trained
+    model = spaces.load(folder)
+
+    def estimate(images, psf):
+        return predict(model, objective.stamp_inputs(images, psf), 64, "cpu")
+
+    plus_set, minus_set = objective.metacal_sets["psf_wide"]
+    e_plus, e_minus = estimate(plus_set["noshear"], None), estimate(minus_set["noshear"], None)
+    responses = [(estimate(s[f"{j}p"], None) - estimate(s[f"{j}m"], None)) / 0.02
+                 for s in (plus_set, minus_set) for j in (1, 2)]
+    mean_response = np.stack([np.concatenate([responses[0], responses[2]]).mean(axis=0),
+                              np.concatenate([responses[1], responses[3]]).mean(axis=0)], axis=1)
+    inverse = np.linalg.inv(mean_response)
+    g = objective.populations["psf_wide"].arrays["shear"]
+    half_difference = (e_plus @ inverse.T - e_minus @ inverse.T) / 2
+    by_hand = np.sum(half_difference * g, axis=0) / np.sum(g * g, axis=0) - 1
+    stored = metrics[POPULATIONS]["psf_wide"]
+    np.testing.assert_allclose([stored["cal_m1"], stored["cal_m2"]], by_hand, rtol=1e-5, atol=1e-8)
+    assert metrics["cal_worst_abs_m"] == max(abs(v[f"cal_m{i}"]) for v in metrics[POPULATIONS].values()
+                                             for i in (1, 2))
+    assert metrics["cal_m1"] == metrics[POPULATIONS][TRAINING_POPULATION]["cal_m1"]
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from lensnas.objectives.cache import cached_arrays, config_hash
 from lensnas.objectives.diagnostics import shear_residual_figure
 from lensnas.objectives.options import check_options, require
 from lensnas.objectives.shear.bound import ShearBound, bound_baseline, cached_bound
+from lensnas.objectives.shear.calibration import cached_metacal_images, calibrated, network_response
 from lensnas.objectives.shear.data import (
     LOG_UNIFORM_KEYS,
     MIX_KEYS,
@@ -57,6 +58,9 @@ TRAINING_POPULATION = "training"  # the name of the study's own test set among t
 POPULATION_METRICS = ("rmse", "m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err",
                       "abs_m", "abs_c")
 MIX_CHOICES = {"profile": PROFILES, "psf_profile": PSF_PROFILES}
+CALIBRATIONS = ("none", "metacal")
+CALIBRATED = "cal_"  # prefix of the metrics of the network calibrated by its metacal response
+METACAL_STEP = 0.01
 REFERENCES = ("none", "metacal", "hsm", "ngmix")
 RELATIVE_METRICS = ("rmse_ratio", "rmse_ratio_object", "abs_m_diff", "ref_rmse_over_crb",
                     "ref_object_rmse_over_crb")
@@ -182,6 +186,7 @@ class ShearObjective(Objective):
         "reference": "metacal",
         "test_noise_levels": [],  # the test set again at these noise sigmas (network and reference)
         "test_populations": {},  # name -> simulation keys changed: the test galaxies again, changed
+        "calibration": "none",  # "metacal": also score the network calibrated by its response
         **SIMULATION_DEFAULTS,
     }
     METRICS: ClassVar[dict[str, Metric]] = {
@@ -214,6 +219,19 @@ class ShearObjective(Objective):
         "worst_abs_c": Metric(
             "minimize", "largest |c| of either component over the test populations and the "
             "training population's test set"),
+        "cal_rmse": Metric(
+            "minimize", "RMSE of g per test galaxy of the network calibrated by its mean response "
+            "to metacal's sheared images (calibration = \"metacal\")", summary=True),
+        "cal_rmse_over_crb": Metric("minimize", "cal_rmse / Cramér-Rao bound"),
+        "cal_object_rmse": Metric(
+            "minimize", "RMSE of g per test galaxy, each calibrated by its own response"),
+        **_bias_metrics(CALIBRATED, "network calibrated by its mean metacal response, paired"),
+        "cal_abs_m": Metric("minimize", "largest |m| of the calibrated network"),
+        "cal_abs_c": Metric("minimize", "largest |c| of the calibrated network"),
+        "cal_worst_abs_m": Metric(
+            "minimize", "worst_abs_m of the network calibrated by its metacal response"),
+        "cal_worst_abs_c": Metric(
+            "minimize", "worst_abs_c of the network calibrated by its metacal response"),
         "validation_score": Metric("minimize", "best per-epoch validation RMSE of g"),
         "n_params": Metric("minimize", "trainable parameters"),
         "train_seconds": Metric("minimize", "training time in seconds"),
@@ -238,6 +256,8 @@ class ShearObjective(Objective):
         self.bound: ShearBound | None = None
         self.noise_tests: dict[float, dict[str, np.ndarray]] = {}
         self.populations: dict[str, TestPopulation] = {}
+        # population name -> metacal's images of its stamps at +g and at -g (calibration)
+        self.metacal_sets: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
         self.input_scale = 1.0
         self._test_estimate: np.ndarray | None = None
         self._noiseless: np.ndarray | None = None
@@ -254,6 +274,8 @@ class ShearObjective(Objective):
             require(options[key] >= 2, f"{prefix}.{key}", f"must be at least 2, got {options[key]}")
         require(options["reference"] in REFERENCES, f"{prefix}.reference",
                 f"must be one of {', '.join(REFERENCES)}, got {options['reference']!r}")
+        require(options["calibration"] in CALIBRATIONS, f"{prefix}.calibration",
+                f"must be one of {', '.join(CALIBRATIONS)}, got {options['calibration']!r}")
         if options["reference"] != "none":
             require(is_available(options["reference"]), f"{prefix}.reference", f"{INSTALL_HINT}; or use metacal, hsm")
         levels = options["test_noise_levels"]
@@ -271,6 +293,9 @@ class ShearObjective(Objective):
         for metric in metrics:
             if metric in RELATIVE_METRICS and options["reference"] == "none":
                 raise SpaceError(prefix, f"'{metric}' compares with the reference estimator; set objective.reference to metacal, hsm or ngmix")
+            if metric.startswith(CALIBRATED) and options["calibration"] == "none":
+                raise SpaceError(prefix, f"'{metric}' scores the network calibrated by its "
+                                 'metacal response; set objective.calibration = "metacal"')
             if metric in BOUND_METRICS and options["noise_sigma"] == 0:
                 raise SpaceError(prefix, f"'{metric}' divides by the Cramér-Rao bound, which is 0 "
                                  "without noise; set objective.noise_sigma > 0")
@@ -321,6 +346,8 @@ class ShearObjective(Objective):
                                      self.progress)
         self.baselines.append(bound_baseline(self.bound, self.split_noise_sigma("test")))
         self._load_populations()
+        if self.options["calibration"] == "metacal":
+            self._load_metacal_sets()
         for level in self.options["test_noise_levels"]:
             config = {"dataset": self.dataset_config(), "test_noise_sigma": level}
             self.noise_tests[level], _, _ = cached_arrays(
@@ -359,6 +386,23 @@ class ShearObjective(Objective):
                 population.arrays, population.psf(None), simulation.typical_noise_sigma, population.key,
                 simulation.pixel_scale)
             self.baselines += [dataclasses.replace(b, conditions={"population": name}) for b in baselines]
+
+    def _load_metacal_sets(self) -> None:
+        """Metacal's images of the test set and of every test population, at +g and at -g
+        (computed once per set, cached), for the response calibration of every trial."""
+        sets = {TRAINING_POPULATION: (self.split_arrays("test"), self.split_psf("test"),
+                                      self.split_noise_sigma("test"), self.simulation.pixel_scale,
+                                      self.dataset_key)}
+        for name, population in self.populations.items():
+            sets[name] = (population.arrays, population.psf(None),
+                          population.arrays.get("noise_sigma", population.simulation.noise_sigma),
+                          population.simulation.pixel_scale, population.key)
+        for name, (arrays, psf, sigma, pixel_scale, key) in sets.items():
+            self.metacal_sets[name] = tuple(  # type: ignore[assignment]
+                cached_metacal_images(arrays[images], psf, pixel_scale, sigma, cache_dir=self.cache_dir,
+                                      dataset_key=f"{key}-test.{images}", step=METACAL_STEP,
+                                      seed=self.seed, progress=self.progress)
+                for images in ("images", "images_minus"))
 
     def _reference_baselines(
         self, test: dict[str, np.ndarray], psf: np.ndarray, noise_sigma: float, dataset_key: str,
@@ -546,6 +590,23 @@ class ShearObjective(Objective):
         for name, population in self.populations.items():
             plus, minus = estimates(population.arrays, population.psf(self.data.get("psf_image")))
             populations[name] = population_metrics(population, plus, minus)
+        if self.metacal_sets:
+            def estimate(images: np.ndarray, psf: np.ndarray | None) -> np.ndarray:
+                return predict(model, self.stamp_inputs(images, psf), batch, ctx.device)
+
+            test = TestPopulation(TRAINING_POPULATION, self.simulation, self.split_arrays("test"),
+                                  self.dataset_key)
+            for name, population in {TRAINING_POPULATION: test, **self.populations}.items():
+                calibrated_metrics = response_calibrated_metrics(
+                    population, *self.metacal_sets[name], estimate)
+                populations[name].update(calibrated_metrics)
+            metrics.update({key: value for key, value in populations[TRAINING_POPULATION].items()
+                            if key.startswith(CALIBRATED)})
+            if self.bound is not None and "cal_rmse" in metrics:
+                bound = next(b.metrics["rmse"] for b in own if b.key == "bound")
+                if bound > 0:
+                    metrics["cal_rmse_over_crb"] = metrics["cal_rmse"] / bound
+            metrics.update(worst_bias(populations, CALIBRATED))
         metrics.update(worst_bias(populations))
         if self.populations:
             metrics[POPULATIONS] = populations
@@ -584,6 +645,35 @@ def population_metrics(population: TestPopulation, plus: np.ndarray, minus: np.n
     psf_g = population.psf_g()
     if np.any(psf_g):
         out.update(psf_leakage(plus, minus, psf_g))
+    return out
+
+
+def response_calibrated_metrics(
+    population: TestPopulation, metacal_plus: dict[str, np.ndarray],
+    metacal_minus: dict[str, np.ndarray], estimate: Any,
+) -> dict[str, float]:
+    """The metrics of :func:`population_metrics` (prefixed ``cal_``) of an estimator calibrated
+    by its response to metacal's images of the population's stamps: shears at +g and -g both
+    divided by the mean response over the two sets; ``cal_object_rmse`` with each galaxy's
+    own response."""
+    e_plus, r_plus = network_response(estimate, metacal_plus, METACAL_STEP)
+    e_minus, r_minus = network_response(estimate, metacal_minus, METACAL_STEP)
+    ok = metacal_plus["ok"] & metacal_minus["ok"]
+    both = calibrated(np.concatenate([e_plus, e_minus]), np.concatenate([r_plus, r_minus]),
+                      np.concatenate([ok, ok]))
+    inverse = np.linalg.inv(both["response"])
+    plus, minus = e_plus[ok] @ inverse.T, e_minus[ok] @ inverse.T
+    kept = TestPopulation(population.name, population.simulation,
+                          {key: np.asarray(value)[ok] for key, value in population.arrays.items()
+                           if key in ("labels", "shear", "psf_g1", "psf_g2")},
+                          population.key)
+    metrics = population_metrics(kept, plus, minus)
+    out = {f"{CALIBRATED}{key}": value for key, value in metrics.items()}
+    per_galaxy = both["g_object"][: len(ok)][ok]
+    out[f"{CALIBRATED}object_rmse"] = rmse(per_galaxy, kept.arrays["labels"])[2]
+    out[f"{CALIBRATED}response_11"], out[f"{CALIBRATED}response_22"] = (
+        float(both["response"][0, 0]), float(both["response"][1, 1]))
+    out[f"{CALIBRATED}n_failed"] = float(np.count_nonzero(~ok))
     return out
 
 
