@@ -216,6 +216,15 @@ class Objective:
         """Sections of the HTML report only this objective knows how to draw (default: none)."""
         return []
 
+    @classmethod
+    def trial_tables(
+        cls, study_attrs: dict[str, Any], trial: TrialRecord
+    ) -> list[tuple[str, str, list[str], list[list[str]]]]:
+        """Tables of one trial's grouped metrics (title, sentence, header, rows), shown by
+        ``lensnas status --wide`` for the best trial, in the model card and in the report
+        (default: none)."""
+        return []
+
     # ----- data hooks
 
     def setup(self) -> None:

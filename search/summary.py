@@ -256,6 +256,31 @@ def print_status(study: optuna.Study, console: Console, wide: bool = False) -> N
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
     title = f"{study.study_name}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
     console.print(_fitted_table(study, trials, title or study.study_name, console, wide))
+    if wide:
+        print_trial_tables(study, console)
+
+
+def print_trial_tables(study: optuna.Study, console: Console) -> None:
+    """The objective's tables of the best trial's grouped metrics (e.g. m and c per test
+    population), when it has any."""
+    from lensnas.objectives import TrialRecord, objective_class
+
+    best = best_trials(study, 1)
+    try:
+        objective = objective_class(study.user_attrs["objective"])
+    except (KeyError, ImportError):
+        return
+    if not best:
+        return
+    record = TrialRecord(best[0].number, best[0].params, best[0].user_attrs)
+    for title, sentence, header, rows in objective.trial_tables(dict(study.user_attrs), record):
+        table = Table(title=f"{study.study_name}, best trial {record.number}: {title}",
+                      caption=sentence, caption_justify="left")
+        for column in header:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
 
 
 def status_json(study: optuna.Study) -> str:

@@ -72,7 +72,8 @@ def simulate_paired_test(
         )
 
 
-def _row(label: str, noise: float, plus: Any, minus: Any, labels: np.ndarray) -> Baseline:
+def _row(label: str, conditions: dict[str, Any], plus: Any, minus: Any, labels: np.ndarray,
+         shear: np.ndarray) -> Baseline:
     ok = plus.ok & minus.ok
     metrics: dict[str, float] = {
         "n": float(plus.n),
@@ -82,11 +83,11 @@ def _row(label: str, noise: float, plus: Any, minus: Any, labels: np.ndarray) ->
     if np.count_nonzero(ok) >= 3:
         rmse_g1, rmse_g2, rmse_all = rmse(plus.g[ok], labels[ok])
         metrics.update(rmse_g1=rmse_g1, rmse_g2=rmse_g2, rmse=rmse_all)
-        metrics.update(paired_bias(plus.g[ok], minus.g[ok], labels[ok]).as_dict())
-        metrics.update(linear_bias(plus.g[ok], labels[ok]).as_dict(prefix="linear_"))
+        metrics.update(paired_bias(plus.g[ok], minus.g[ok], shear[ok]).as_dict())
+        metrics.update(linear_bias(plus.g[ok], shear[ok]).as_dict(prefix="linear_"))
         if plus.g_per_object_response is not None:
             metrics["object_rmse"] = rmse(plus.g_per_object_response[ok], labels[ok])[2]
-    return Baseline(plus.name, label, DESCRIPTIONS[label], metrics, {"noise_sigma": noise})
+    return Baseline(plus.name, label, DESCRIPTIONS[label], metrics, conditions)
 
 
 def baseline_rows(
@@ -96,6 +97,7 @@ def baseline_rows(
     noise_levels: list[float] | None,
     cache_dir: str | os.PathLike | None,
     progress: bool,
+    conditions: dict[str, Any] | None = None,
 ) -> list[Baseline]:
     """The Cramér-Rao bound, then one row per available estimator, at each noise level on the
     study's paired test set.
@@ -103,7 +105,9 @@ def baseline_rows(
     ``noise_levels`` replaces the simulation's ``noise_sigma`` (None: use it as is). Metrics:
     n, n_failed, rmse_g1, rmse_g2, rmse, m1, m1_err, ... c2_err (paired protocol), linear_m1
     ... (line fit), object_rmse (metacal with each galaxy's own response),
-    galaxies_per_core_second; the bound's rows: rmse, rmse_g1, rmse_g2.
+    galaxies_per_core_second; the bound's rows: rmse, rmse_g1, rmse_g2. Each row's conditions:
+    its noise sigma ("low-high" for a range, with each galaxy's own in the bound) and
+    ``conditions`` (e.g. the test population's name).
     """
     levels = [simulation.noise_sigma] if noise_levels is None else [float(x) for x in noise_levels]
     rows = []
@@ -112,14 +116,20 @@ def baseline_rows(
         noisy = dataclasses.replace(simulation, noise_sigma=noise)
         data = simulate_paired_test(noisy, test_count, seed, progress)
         key = paired_test_key(noisy, test_count, seed)
-        psf = noisy.psf_image()
+        psf = data["psf_images"] if noisy.psf_varies else noisy.psf_image()
+        shear = data.get("shear", data["labels"])
+        varied_noise = isinstance(noise, tuple)
+        where = {"noise_sigma": f"{noise[0]:g}-{noise[1]:g}" if varied_noise else noise,
+                 **(conditions or {})}
         if bound is None:  # the same galaxies at every level: the bound at unit noise, once
-            population = {name: data[name] for name in ("half_light_radius", "flux", "intrinsic_g")}
-            population["shear"] = data["labels"]
+            # on the label: a round galaxy sheared to it is the image (see ShearObjective)
+            population = {**data, "intrinsic_g": np.zeros_like(data["labels"], dtype=np.float64),
+                          "shear": data["labels"]}
             noiseless = dataclasses.replace(simulation, noise_sigma=0.0)
             bound, _ = cached_bound(noisy, population, cache_root(cache_dir),
                                     paired_test_key(noiseless, test_count, seed), progress)
-        rows.append(bound_baseline(bound, noise, {"noise_sigma": noise}))
+        rows.append(bound_baseline(bound, data["noise_sigma"] if varied_noise else noise, where))
+        noise = noisy.typical_noise_sigma
         for label, name, settings in BASELINE_ESTIMATORS:
             if not is_available(name):
                 continue
@@ -136,5 +146,5 @@ def baseline_rows(
                 dataset_key=f"{key}-",
                 **common,
             )
-            rows.append(_row(label, noise, plus, minus, data["labels"]))
+            rows.append(_row(label, where, plus, minus, data["labels"], shear))
     return rows

@@ -231,8 +231,28 @@ def labels_of(simulation: GalaxySimulation, population: dict[str, np.ndarray]) -
     return np.asarray(population["shear"])
 
 
-def psf_images(simulation: GalaxySimulation, population: dict[str, np.ndarray]) -> np.ndarray:
-    """Each galaxy's PSF drawn on the stamp grid, unit sum (N, H, W) float32."""
+def psf_images(simulation: GalaxySimulation, population: dict[str, np.ndarray],
+               workers: int | None = None) -> np.ndarray:
+    """Each galaxy's PSF drawn on the stamp grid, unit sum (N, H, W) float32, on ``workers``
+    processes (default: every core this process may use) when there are several chunks."""
+    count = len(population["flux"])
+    starts = list(range(0, count, RENDER_CHUNK))
+    workers = min(workers or cpu_count(), len(starts))
+    if workers <= 1:
+        return _psf_chunk(simulation, population)
+    out = np.empty((count, simulation.stamp_size, simulation.stamp_size), dtype=np.float32)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context()) as pool:
+        futures = {pool.submit(_psf_chunk, simulation, {k: v[start:start + RENDER_CHUNK]
+                                                        for k, v in population.items()}): start
+                   for start in starts}
+        for future in as_completed(futures):
+            start = futures[future]
+            out[start:start + RENDER_CHUNK] = future.result()
+    return out
+
+
+def _psf_chunk(simulation: GalaxySimulation, population: dict[str, np.ndarray]) -> np.ndarray:
+    """The PSF images of galaxies one by one in this process (see :func:`psf_images`)."""
     size = simulation.stamp_size
     out = np.empty((len(population["flux"]), size, size), dtype=np.float32)
     for i in range(len(out)):

@@ -622,11 +622,24 @@ class ShearObjective(Objective):
         """Every available shear estimator on the study's paired test set, at each noise level."""
         from lensnas.objectives.shear.baseline import baseline_rows
 
-        return baseline_rows(self.simulation, self.counts["test"], self.seed, noise_levels,
+        rows = baseline_rows(self.simulation, self.counts["test"], self.seed, noise_levels,
                              self.cache_dir, self.progress)
+        for name, changes in self.options["test_populations"].items():
+            rows += baseline_rows(dataclasses.replace(self.simulation, **changes), self.counts["test"],
+                                  self.seed, None, self.cache_dir, self.progress, {"population": name})
+        return rows
 
     def baseline_notes(self) -> list[str]:
         return [] if is_available("ngmix") else [f"ngmix row skipped: {INSTALL_HINT}"]
+
+    @classmethod
+    def trial_tables(cls, study_attrs: dict[str, Any], trial: TrialRecord
+                     ) -> list[tuple[str, str, list[str], list[list[str]]]]:
+        """m and c per test population: the network, calibrated where the study calibrates,
+        beside the reference estimator on the same galaxies."""
+        from lensnas.objectives.shear.report import population_tables
+
+        return population_tables(study_attrs, trial)
 
     @classmethod
     def report_sections(cls, study_attrs: dict[str, Any], best: TrialRecord | None) -> list[ReportSection]:

@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial
 from torch import nn
 
 from lensnas import spaces
+from lensnas.objectives.base import TrialRecord
 from lensnas.objectives.report_html import lensnas_version, metric_rows
 from lensnas.search.artifacts import artifact_store, download_trial_artifacts
 from lensnas.search.results.comparison import (
@@ -243,6 +244,10 @@ def _reference_text(study: optuna.Study, trial: FrozenTrial) -> str:
         study_objective_class(attrs), baselines,
         (f"this network (trial {trial.number})", trial.user_attrs),
     )
+    objective = study_objective_class(attrs)
+    if objective is not None:
+        tables += objective.trial_tables(dict(attrs), TrialRecord(trial.number, trial.params,
+                                                                  trial.user_attrs))
     return "\n".join(
         f"### {title}\n\n{sentence}\n\n{markdown_table(header, rows)}"
         for title, sentence, header, rows in tables
