@@ -231,3 +231,31 @@ def test_bad_population_and_range_keys_are_one_line(tmp_path, extra, appended, e
     message = str(info.value)
     assert "\n" not in message and str(path) in message
     assert expected in message, message
+
+
+def test_populations_reach_status_report_model_card_and_baseline(tmp_path, capsys) -> None:
+    """A launched study with a test population and calibration: status --wide, the report, the
+    model card and lensnas baseline all show m per population."""
+    from lensnas.search.cli import main
+
+    path = write_tiny_shear_study(tmp_path, n_trials=1, epochs=1,
+                                  objective_extra='calibration = "metacal"\nreference = "hsm"')
+    path.write_text(path.read_text().replace("n_test = 64", "n_test = 24")
+                    + "[objective.test_populations.psf_wide]\npsf_fwhm = 1.2\n")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["launch", str(path), "--storage", storage, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["status", "tiny", "--storage", storage, "--wide"]) == 0
+    status = capsys.readouterr().out
+    assert "m per test population" in status and "psf_wide" in status and "psf_fwhm=1.2" in status
+    report = tmp_path / "report.html"
+    assert main(["report", "tiny", "--storage", storage, "-o", str(report)]) == 0
+    html = report.read_text()
+    assert 'id="test-populations"' in html and 'id="populations-figure"' in html
+    assert main(["export", "tiny", "--storage", storage, "--top", "1", "-o", str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "trial-0" / "MODEL_CARD.md").read_text()
+    assert "### m per test population" in card and "| psf_wide |" in card
+    capsys.readouterr()
+    assert main(["baseline", str(path), "--quiet"]) == 0
+    baseline = capsys.readouterr().out
+    assert "population psf_wide" in baseline and "hsm REGAUSS" in baseline

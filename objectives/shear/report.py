@@ -156,8 +156,8 @@ def _population_changes(study_attrs: dict[str, Any]) -> dict[str, str]:
     values = {name: {key: changes.get(key, base[key]) for key in keys} for name, changes in declared.items()}
     usual = {}
     for key in keys:
-        counts = Counter(repr(population[key]) for population in values.values())
-        usual[key] = counts.most_common(1)[0][0]
+        value, count = Counter(repr(population[key]) for population in values.values()).most_common(1)[0]
+        usual[key] = value if count >= 2 else None  # a value no two populations share is news
     return {name: ", ".join(f"{key}={own[key]}" for key in keys if repr(own[key]) != usual[key]) or "-"
             for name, own in values.items()}
 
@@ -187,9 +187,10 @@ def population_tables(study_attrs: dict[str, Any], trial: TrialRecord
     calibrated = any("cal_m1" in values for values in populations.values())
     estimators = [("network", "")] + ([("calibrated", "cal_")] if calibrated else [])
     tables = []
+    leakage = tuple(key for key in ("alpha1", "alpha2")
+                    if any(key in values for values in populations.values()))
     for title, keys, extra in (("m per test population", ("m1", "m2"), ()),
-                               ("c and PSF leakage per test population", ("c1", "c2"),
-                                ("alpha1", "alpha2"))):
+                               ("c and PSF leakage per test population", ("c1", "c2"), leakage)):
         header = ["population", "changed"]
         header += [f"{label} {key}" for label, _ in estimators for key in keys]
         header += [f"reference {key}" for key in keys]
