@@ -487,6 +487,8 @@ class ShearObjective(Objective):
             "noise_sigma": simulation.noise_sigma,
             "pixel_scale_arcsec": simulation.pixel_scale,
             "psf": f"{simulation.psf_profile}, FWHM {simulation.psf_fwhm} arcsec",
+            "labels": "sheared_ellipticity" if simulation.intrinsic_ellipticity_sigma else "shear",
+            "calibration": self.options["calibration"],
         }
 
     def training_data(self, config: dict[str, Any]) -> tuple[Any, Any]:

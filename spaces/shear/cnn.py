@@ -203,14 +203,24 @@ def example_stamps(
 def describe_stamps(spec: dict[str, Any]) -> str:
     """What an exported shear CNN takes and returns, in words."""
     channels, size = int(spec.get("in_channels", 1)), spec["image_size"]
-    extra = " (channel 2: the PSF image)" if channels == 2 else ""
+    described = spec.get("input", {})
+    extra = (" (channel 2: each stamp's PSF image on the same grid, unit sum: `lensnas predict "
+             "... --psf`)") if channels == 2 else ""
+    output = "(N, 2) = (g1, g2), reduced shear."
+    if described.get("labels") == "sheared_ellipticity":
+        output = ("(N, 2) = (g1, g2), each galaxy's sheared ellipticity (its intrinsic shape "
+                  "composed with the shear, ShearNet's convention): averaged over a population, "
+                  "its reduced shear.")
+    if described.get("calibration") == "metacal":
+        output += (" The study scored it calibrated by its response to metacal's sheared images: "
+                   "apply it that way with `lensnas predict FOLDER stamps --psf psf.fits "
+                   "--calibrate metacal`.")
     return (
         f"input: float32 tensor (N, {channels}, {size}, {size}) of galaxy stamps in the "
         "training simulation's units: each galaxy's total flux near 1 (the study's flux_min.."
         "flux_max), pixel noise sigma as in the study, at its pixel_scale (arcsec/pixel) and "
         f"PSF (see the data configuration){extra}; the network rescales inputs itself, but "
-        "stamps far from that flux or noise give meaningless shears. "
-        "output: (N, 2) = (g1, g2), reduced shear."
+        f"stamps far from that flux or noise give meaningless shears. output: {output}"
     )
 
 
