@@ -259,3 +259,14 @@ def test_populations_reach_status_report_model_card_and_baseline(tmp_path, capsy
     assert main(["baseline", str(path), "--quiet"]) == 0
     baseline = capsys.readouterr().out
     assert "population psf_wide" in baseline and "hsm REGAUSS" in baseline
+
+
+def test_a_population_with_its_own_psf_gives_the_network_that_psf(tmp_path) -> None:
+    options = {"n_train": 8, "n_validation": 4, "n_test": 6, "stamp_size": 25, "pixel_scale": 0.2,
+               "reference": "none", "psf_channel": True,
+               "test_populations": {"wide": {"psf_fwhm": 1.2}}}
+    objective = ShearObjective(options, {}, seed=1, cache_dir=tmp_path, progress=False)
+    objective.prepare()
+    population = objective.populations["wide"]
+    np.testing.assert_allclose(population.psf(), dataclasses.replace(BASE, stamp_size=25, psf_fwhm=1.2).psf_image())
+    assert not np.allclose(population.psf(), objective.data["psf_image"])

@@ -99,11 +99,11 @@ class TestPopulation:
     arrays: dict[str, np.ndarray]
     key: str  # content hash of its configuration (its cache key)
 
-    def psf(self, fallback: np.ndarray | None) -> np.ndarray | None:
-        """Each galaxy's PSF image where the PSF varies, else the one PSF image."""
+    def psf(self) -> np.ndarray:
+        """Each galaxy's PSF image where the PSF varies, else the population's one PSF image."""
         if "psf_images" in self.arrays:
             return self.arrays["psf_images"]
-        return self.simulation.psf_image() if fallback is None else fallback
+        return self.simulation.psf_image()
 
     def psf_g(self) -> np.ndarray:
         """Each galaxy's PSF ellipticity (N, 2)."""
@@ -383,7 +383,7 @@ class ShearObjective(Objective):
             population = TestPopulation(name, simulation, dict(arrays), config_hash(config))
             self.populations[name] = population
             baselines, _ = self._reference_baselines(
-                population.arrays, population.psf(None), simulation.typical_noise_sigma, population.key,
+                population.arrays, population.psf(), simulation.typical_noise_sigma, population.key,
                 simulation.pixel_scale)
             self.baselines += [dataclasses.replace(b, conditions={"population": name}) for b in baselines]
 
@@ -394,7 +394,7 @@ class ShearObjective(Objective):
                                       self.split_noise_sigma("test"), self.simulation.pixel_scale,
                                       self.dataset_key)}
         for name, population in self.populations.items():
-            sets[name] = (population.arrays, population.psf(None),
+            sets[name] = (population.arrays, population.psf(),
                           population.arrays.get("noise_sigma", population.simulation.noise_sigma),
                           population.simulation.pixel_scale, population.key)
         for name, (arrays, psf, sigma, pixel_scale, key) in sets.items():
@@ -590,7 +590,7 @@ class ShearObjective(Objective):
             }
         populations = {TRAINING_POPULATION: {key: metrics[key] for key in POPULATION_METRICS}}
         for name, population in self.populations.items():
-            plus, minus = estimates(population.arrays, population.psf(self.data.get("psf_image")))
+            plus, minus = estimates(population.arrays, population.psf())
             populations[name] = population_metrics(population, plus, minus)
         if self.metacal_sets:
             def estimate(images: np.ndarray, psf: np.ndarray | None) -> np.ndarray:
