@@ -417,6 +417,27 @@ def simulate_split(
     return lr, hr, noise
 
 
+def split_parameters(
+    simulator: LensSimulator, count: int, rng: np.random.Generator, wanted: int
+) -> list[tuple[list[dict], list[dict]]]:
+    """The lens and source keywords of the first ``wanted`` of the ``count`` pairs that
+    :func:`simulate_split` makes from ``rng``, drawn again exactly as it draws them.
+
+    A batch draws all its parameters before its noise, so the first batch costs no rendering;
+    each earlier batch is rendered and observed again, because its noise advances ``rng``.
+    """
+    drawn: list[tuple[list[dict], list[dict]]] = []
+    for start in range(0, min(wanted, count), SIMULATION_BATCH):
+        batch = [simulator.draw_parameters(rng) for _ in range(min(SIMULATION_BATCH, count - start))]
+        drawn.extend(batch)
+        if len(drawn) >= wanted:
+            break
+        hr_clean, lr_clean = simulator.render_clean(np.stack([simulator.sky(*p) for p in batch]))
+        for hr, lr in zip(hr_clean, lr_clean):
+            simulator.observe(hr, lr, rng)
+    return drawn[:wanted]
+
+
 def simulate_dataset(
     config: dict[str, Any], counts: dict[str, int], data_seed: int, progress: bool = True
 ) -> dict[str, np.ndarray]:

@@ -7,7 +7,11 @@ upsampling, and with physics-aware scores: the relative total-flux error against
 consistency of the SR image, degraded by the study's PSF and binning operator, with the LR input.
 The bicubic and bilinear interpolations are baseline rows of every study, computed once per
 dataset and cached with it. ``consistency_weight`` (``[training]`` or ``[space]``) adds the
-operator's consistency term to the training loss.
+operator's consistency term to the training loss. With ``lens_model_fits = N`` the simulation's
+lens model (SIE + external shear, Sérsic source) is fitted to the first N test images
+(``lensnas.objectives.sr.lens_model``): the HR target, the LR input, bicubic and bilinear once
+per dataset (cached; baseline rows of the group ``lens_model``) and every trial's SR output,
+scored by the errors of the Einstein radius, ellipticity and shear against the simulated truth.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from lensnas.objectives.base import Baseline, Metric, Objective, TrialContext, ValidationScore
+from lensnas.objectives.cache import cached_arrays
 from lensnas.objectives.diagnostics import sr_panels_figure
 from lensnas.objectives.options import check_options, require, require_folder_keys_unset
 from lensnas.objectives.sr.data import (
@@ -39,6 +44,15 @@ from lensnas.objectives.sr.data import (
     operator_psf_fwhm_pixels,
     simulate_dataset,
     simulation_config,
+)
+from lensnas.objectives.sr.lens_model import (
+    LENS_METRICS,
+    NO_TRUTHS,
+    LensFitter,
+    fit_images,
+    fit_settings,
+    recovery_metrics,
+    simulated_truths,
 )
 from lensnas.objectives.sr.metrics import (
     INTERPOLATIONS,
@@ -121,6 +135,25 @@ OPTIONS: dict[str, Any] = {
     # denoised_sisr: an exported denoise_net folder, its frozen denoiser (default: trained in
     # the trial, see lensnas.objectives.sr.training); relative to the working directory
     "denoiser_folder": "",
+    # lens-model recovery: fit the simulation's SIE + shear lens model (lenstronomy + scipy,
+    # started near the truth) to the first N test images: the HR target, LR input, bicubic and
+    # bilinear once per dataset (cached), and every trial's SR output. Measured ~0.15 s per fit
+    # on one core at Model 1's 150x150 (N = 20: ~3 s per trial, ~12 s for the baselines);
+    # simulated sources only (a folder has no truths); 0 = off
+    "lens_model_fits": 0,
+}
+# The lens-model baseline rows: kind -> (name, what it is).
+LENS_MODEL_ROWS = {
+    "hr_target": ("HR target (lens model)", (
+        "the lens model fitted to the HR target with the HR PSF: what an SR image equal to its "
+        "target would give")),
+    "lr_input": ("LR input (lens model)", (
+        "the lens model fitted to the LR input on its own grid with the LR PSF: what the "
+        "observation gives without SR")),
+    "bicubic": ("bicubic (lens model)", (
+        "the lens model fitted to the bicubic upsampling on the HR grid with the HR PSF")),
+    "bilinear": ("bilinear (lens model)", (
+        "the lens model fitted to the bilinear upsampling on the HR grid with the HR PSF")),
 }
 
 
@@ -144,11 +177,31 @@ class SRObjective(Objective):
         "consistency_chi": Metric(
             "minimize", "consistency_rms in units of the LR image's noise RMS (simulated data; "
             "1: as consistent as the noise allows)", summary=True),
+        "lens_theta_e_bias": Metric(
+            None, "mean error of the Einstein radius of the lens model fitted to the SR image "
+            "(arcsec; the first lens_model_fits test images)", summary=True),
+        "lens_theta_e_scatter": Metric(
+            "minimize", "RMS error of the fitted Einstein radius, bias included (arcsec)",
+            summary=True),
+        "lens_ellipticity_scatter": Metric(
+            "minimize", "RMS length of the fitted SIE ellipticity's (e1, e2) error", summary=True),
+        "lens_shear_scatter": Metric(
+            "minimize", "RMS length of the fitted external shear's (gamma1, gamma2) error",
+            summary=True),
         "validation_score": Metric("maximize", "best per-epoch validation PSNR gain over bicubic (dB)"),
         "n_params": Metric("minimize", "trainable parameters"),
         "train_seconds": Metric("minimize", "training time in seconds"),
     }
     DEFAULT_METRIC = "psnr_gain"
+    BASELINE_GROUPS: ClassVar[dict[str, tuple[str, str]]] = {
+        "lens_model": (
+            "Lens-model recovery",
+            ("The simulation's SIE + external shear lens model fitted with lenstronomy to the "
+             "first lens_model_fits test images, each from its truth slightly perturbed: errors "
+             "of the Einstein radius (arcsec), the SIE ellipticity and the shear against the "
+             "truth."),
+        ),
+    }
     VALIDATION_SCORE = ValidationScore(
         "validation PSNR gain over bicubic (dB)", "maximize", "psnr_gain"
     )
@@ -158,6 +211,8 @@ class SRObjective(Objective):
         self.scale = self.options["scale"]
         self.operator = Degradation(self.scale, self.operator_psf_fwhm())
         self._test_prediction: np.ndarray | None = None
+        self.lens_truths: np.ndarray | None = None
+        self.lens_summary: dict[str, Any] = {}
 
     def operator_psf_fwhm(self) -> float:
         """FWHM (HR pixels) of the PSF in the degradation operator: from the simulation, or the
@@ -231,6 +286,11 @@ class SRObjective(Objective):
             _check_folder_options(options, prefix)
         else:
             require_folder_keys_unset(options, OPTIONS, FOLDER_ONLY_KEYS, prefix)
+        fits = options["lens_model_fits"]
+        require(0 <= fits <= 10_000, f"{prefix}.lens_model_fits",
+                f"must be in 0..10000 (test images; 0 = off), got {fits}")
+        require(source == "folder" or fits <= options["n_test"], f"{prefix}.lens_model_fits",
+                f"must not exceed n_test ({options['n_test']}), got {fits}")
         if options["denoiser_folder"]:
             load_denoiser(options["denoiser_folder"])  # DataError in one line if unusable
         return options
@@ -250,6 +310,13 @@ class SRObjective(Objective):
         if "consistency_chi" in metrics and options["source"] == "folder":
             raise SpaceError(prefix, 'consistency_chi needs the LR noise of a simulated source; '
                              'with source = "folder" use consistency_rms')
+        lens = [metric for metric in metrics if metric in LENS_METRICS]
+        if lens and options["source"] == "folder":
+            raise SpaceError(prefix, f"{lens[0]} needs the lens parameters of a simulated source; "
+                             'a source = "folder" dataset has none')
+        if lens and options["lens_model_fits"] == 0:
+            raise SpaceError(prefix, f"{lens[0]} needs lens-model fits: set [objective] "
+                             "lens_model_fits to a number of test images (e.g. 20)")
 
     def dataset_config(self) -> dict[str, Any]:
         """What the dataset cache key is made of."""
@@ -321,6 +388,52 @@ class SRObjective(Objective):
         if clipped:
             logger.warning("sr dataset %s: %d values outside [0, 1] clipped (normalize = false)",
                            self.options["folder"], clipped)
+        if self.options["lens_model_fits"] > 0:
+            self._lens_model_baselines()
+
+    def _lens_model_baselines(self) -> None:
+        """Fit the lens model to the first ``lens_model_fits`` test images of the HR target, LR
+        input, bicubic and bilinear (cached per dataset and fit settings); baseline rows."""
+        if self.options["source"] == "folder":
+            self.lens_summary = {"unavailable": NO_TRUTHS}
+            logger.warning("sr dataset %s: %s", self.options["folder"], NO_TRUTHS)
+            return
+        count = self.options["lens_model_fits"]
+        key = {"dataset_key": self.dataset_key, "images": count, "fit": fit_settings()}
+        arrays, meta, _ = cached_arrays(self.cache_dir, "sr-lens-model", key,
+                                        lambda: self._fit_lens_baselines(count))
+        self.lens_truths = np.asarray(arrays["truths"])
+        self.lens_summary = {"images": count, "seconds_per_fit": meta["seconds_per_fit"],
+                             "start": "the truth plus fixed Gaussian offsets (a local fit)"}
+        for kind, (name, description) in LENS_MODEL_ROWS.items():
+            self.baselines.append(Baseline(f"lens_{kind}", name, description,
+                                           {k: float(v) for k, v in meta[kind].items()},
+                                           group="lens_model"))
+        logger.info("sr dataset %s: lens-model fits of %d test images, %.2f s per fit",
+                    self.dataset_key, count, meta["seconds_per_fit"])
+
+    def _fit_lens_baselines(self, count: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The truths of the first ``count`` test images and the lens-model fits of the HR
+        target, LR input, bicubic and bilinear: (arrays, meta with each kind's metrics)."""
+        config = self.dataset_config()
+        truths = simulated_truths(config["simulation"], self.options["n_test"], self.data_seed,
+                                  count)
+        hr_fitter = LensFitter(config["simulation"], "hr")
+        images = {"hr_target": (hr_fitter, self.data["test_hr"], None),
+                  "lr_input": (LensFitter(config["simulation"], "lr"), self.data["test_lr"],
+                               self.data["test_lr_noise"]),
+                  "bicubic": (hr_fitter, self.data["test_bicubic"], None),
+                  "bilinear": (hr_fitter, self.data["test_bilinear"], None)}
+        arrays: dict[str, np.ndarray] = {"truths": truths}
+        meta: dict[str, Any] = {}
+        seconds = []
+        for kind, (fitter, stack, noise) in images.items():
+            fitted, chi2, took = fit_images(fitter, stack, truths, noise)
+            arrays[f"{kind}_fit"], arrays[f"{kind}_chi2"] = fitted, chi2
+            meta[kind] = recovery_metrics(fitted, truths)
+            seconds.extend(took)
+        meta["seconds_per_fit"] = float(np.mean(seconds))
+        return arrays, meta
 
     def split_sizes(self) -> dict[str, int]:
         return {split: len(self.data[f"{split}_lr"]) for split in SPLITS}
@@ -335,7 +448,14 @@ class SRObjective(Objective):
                             "binning": self.scale},
             **({"clipped_values": self.meta["clipped_values"]}
                if "clipped_values" in self.meta else {}),
+            **({"lens_model": self.lens_summary} if self.lens_summary else {}),
         }
+
+    def baseline_notes(self) -> list[str]:
+        """Why there are no lens-model rows, when fits were asked of a folder dataset."""
+        self.prepare()
+        reason = self.lens_summary.get("unavailable")
+        return [reason] if reason else []
 
     def architecture_arguments(self) -> dict[str, Any]:
         return {"in_channels": 1, "scale": self.scale}
@@ -373,7 +493,18 @@ class SRObjective(Objective):
         bicubic = self.baselines[0].metrics
         metrics.update(psnr_gain=metrics["psnr"] - bicubic["psnr"], ssim_gain=metrics["ssim"] - bicubic["ssim"])
         ctx.log(f"PSNR {metrics['psnr']:.2f} dB ({metrics['psnr_gain']:+.2f} over bicubic)")
+        if self.lens_truths is not None:
+            metrics.update(self.lens_model_metrics(self._test_prediction))
+            ctx.log(f"lens model: theta_E RMS error {metrics['lens_theta_e_scatter']:.4f} arcsec "
+                    f"over {len(self.lens_truths)} test images")
         return metrics
+
+    def lens_model_metrics(self, prediction: np.ndarray) -> dict[str, float]:
+        """The lens-model recovery scores of HR-grid images of the test set (its first
+        ``lens_model_fits``), fitted with the HR PSF."""
+        fitter = LensFitter(self.dataset_config()["simulation"], "hr")
+        fitted, _, _ = fit_images(fitter, prediction, self.lens_truths)
+        return recovery_metrics(fitted, self.lens_truths)
 
     def figure(self, model: torch.nn.Module, path: Path) -> None:
         data = self.data
