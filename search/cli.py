@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_argument(launch)
     launch.add_argument("--n-trials", type=int, default=None, help="total trials (overrides the file)")
     launch.add_argument("--seed", type=int, default=None, help="study seed (overrides the file)")
+    launch.add_argument(
+        "--warm-start", action="append", default=[], metavar="STUDY",
+        help="start from the fitting trials of an earlier study in the same storage "
+             "(repeatable; added to the file's warm_start)",
+    )
     launch.add_argument("--cache-dir", default=None, help="dataset cache (default: $LENSNAS_CACHE_DIR or ~/.cache/lensnas)")
     launch.add_argument("--max-failures", type=int, default=3, help="stop after this many consecutive failed trials (0: never)")
     launch.add_argument("--quiet", action="store_true", help="no progress bar or tables")
@@ -172,7 +177,8 @@ def _launch(args: argparse.Namespace) -> int:
 
     try:
         launch(
-            args.study_file, args.storage, n_trials=args.n_trials, seed=args.seed, quiet=args.quiet,
+            args.study_file, args.storage, n_trials=args.n_trials, seed=args.seed,
+            warm_start=args.warm_start, quiet=args.quiet,
             cache_dir=args.cache_dir, max_failures=args.max_failures, executor=args.executor,
             **(
                 {"gpus_per_trial": args.gpus_per_trial, "cpus_per_trial": args.cpus_per_trial,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,21 @@ from rich.console import Console
 from lensnas.objectives.cache import cache_root
 from lensnas.search.executors.local import run_local
 from lensnas.search.spec import SpecError, StudySpec, load_spec
-from lensnas.search.storage import artifact_root, default_storage_url, open_storage, redact
-from lensnas.search.study import fail_abandoned_trials, finished_count, open_study, resolve_device
+from lensnas.search.storage import (
+    artifact_root,
+    claim_lock,
+    default_storage_url,
+    open_storage,
+    redact,
+)
+from lensnas.search.study import (
+    fail_abandoned_trials,
+    finished_count,
+    open_study,
+    resolve_device,
+    warm_start_sources,
+    warm_start_study,
+)
 from lensnas.search.summary import output_console, print_best
 from lensnas.spaces.errors import OptionError
 
@@ -32,6 +46,7 @@ def launch(
     *,
     n_trials: int | None = None,
     seed: int | None = None,
+    warm_start: Sequence[str] = (),
     quiet: bool = False,
     cache_dir: str | Path | None = None,
     max_failures: int = 3,
@@ -42,6 +57,9 @@ def launch(
     """Run the study of ``spec`` (a StudySpec or a study file path) until it has its n_trials.
 
     Rerunning resumes the same study in the same storage; nothing is done twice.
+    ``warm_start`` names earlier studies of the same storage, in addition to the file's
+    ``[study] warm_start``, whose fitting trials start the study (``warm_start_study``);
+    copied trials count towards n_trials (n_trials is the study's total of finished trials).
     ``executor`` is "local" (in-process) or "ray" (``executor_options``: gpus_per_trial,
     cpus_per_trial, max_concurrent, address).
     """
@@ -55,7 +73,7 @@ def launch(
         check_ray_options(**executor_options)  # before anything runs, even on a finished study
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec)
-    spec = spec.with_overrides(n_trials=n_trials, seed=seed)
+    spec = spec.with_overrides(n_trials=n_trials, seed=seed, warm_start=warm_start)
     if executor == "local":  # trials train here: the device must exist (before anything is stored)
         device = resolve_device(spec.device, f"{spec.path}: training.device")
     folder = cache_root(cache_dir)
@@ -65,8 +83,14 @@ def launch(
         raise OptionError(f"--cache-dir {folder}: cannot create it ({error.strerror or error})") from None
     url = storage or default_storage_url()
     console = console or Console(stderr=True, quiet=quiet)
-    study = open_study(spec, open_storage(url))
+    optuna_storage = open_storage(url)
+    sources = warm_start_sources(spec, optuna_storage, from_cli=warm_start)  # checked first
+    study = open_study(spec, optuna_storage)
     fail_abandoned_trials(study)
+    if sources:
+        with claim_lock(url):  # two launchers of a new study copy the trials once
+            for line in warm_start_study(spec, study, sources):
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
     done = finished_count(study)
     stopped_reason = None
     console.print(f"study [bold]{spec.name}[/] in {redact(url)}: {done}/{spec.n_trials} trials finished")

@@ -8,21 +8,39 @@ import optuna
 
 from lensnas.search.spec import StudySpec
 
+# Sampler defaults. Optuna 5.0's own (inspect.signature): TPESampler(n_startup_trials=10,
+# n_ei_candidates=24, multivariate=None (True for one objective, False for several),
+# group=False, constant_liar=True); GPSampler(n_startup_trials=10,
+# deterministic_objective=False); NSGAIISampler(population_size=50, mutation_prob=None (1 /
+# number of params), crossover_prob=0.9, swapping_prob=0.5). Optuna 4.4-4.x differ for TPE:
+# multivariate=False, constant_liar=False.
+# lensnas keeps Optuna's numbers and changes three TPE switches, whatever the Optuna version:
+# multivariate=True also for several metrics (the dimensions of a network interact: width
+# with depth, learning rate with batch size), group=True (conditional dimensions such as
+# dense_units under head = "dense" form their own groups instead of falling back to
+# independent sampling) and constant_liar=True (several trials in flight, Ray or launchers
+# sharing a study, would otherwise be proposed near-identical points). group follows multivariate
+# unless set. No benchmark yet says to change n_startup_trials for small budgets (issue 20,
+# part 1 measures it). TPE's consider_endpoints, prior_weight, consider_magic_clip, gamma and
+# weights are left out: deprecated since Optuna 4.9, to be removed in 6.0.
+TPE_DEFAULTS = {"multivariate": True, "constant_liar": True}
+
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The study's sampler, seeded by the study seed."""
+    """The study's sampler, seeded by the study seed, with ``spec.sampler_options``."""
+    options = spec.sampler_options
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if spec.sampler == "tpe":
-            return optuna.samplers.TPESampler(
-                seed=spec.seed, multivariate=True, group=True, constant_liar=True
-            )
+            tpe = {**TPE_DEFAULTS, **options}
+            tpe.setdefault("group", tpe["multivariate"])
+            return optuna.samplers.TPESampler(seed=spec.seed, **tpe)
         if spec.sampler == "random":
             return optuna.samplers.RandomSampler(seed=spec.seed)
         if spec.sampler == "gp":
-            return optuna.samplers.GPSampler(seed=spec.seed)
+            return optuna.samplers.GPSampler(seed=spec.seed, **options)
         if spec.sampler == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=spec.seed)
+            return optuna.samplers.NSGAIISampler(seed=spec.seed, **options)
         return optuna.samplers.GridSampler(grid_space(spec), seed=spec.seed)
 
 
@@ -40,10 +58,20 @@ def grid_space(spec: StudySpec) -> dict[str, list]:
     return grid
 
 
+# Pruner defaults. Optuna 5.0's own: MedianPruner(n_startup_trials=5, n_warmup_steps=0,
+# interval_steps=1, n_min_trials=1); HyperbandPruner(min_resource=1, max_resource="auto" (the
+# last step of the first COMPLETE trial, + 1), reduction_factor=3, bootstrap_count=0).
+# lensnas changes the median pruner's start-up to 3 trials and its warm-up to 1 epoch (studies
+# here are often 10-30 trials: with 5 start-up trials half of a 10-trial study is never pruned);
+# Hyperband keeps Optuna's. A step is an epoch; pruners see the per-epoch validation score.
+MEDIAN_DEFAULTS = {"n_startup_trials": 3, "n_warmup_steps": 1}
+HYPERBAND_DEFAULTS = {"min_resource": 1}
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """The study's pruner, acting on the validation loss reported each epoch."""
+    """The study's pruner with ``spec.pruner_options``, acting on the per-epoch validation score."""
     if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(**{**MEDIAN_DEFAULTS, **spec.pruner_options})
     if spec.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1)
+        return optuna.pruners.HyperbandPruner(**{**HYPERBAND_DEFAULTS, **spec.pruner_options})
     return optuna.pruners.NopPruner()

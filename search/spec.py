@@ -2,8 +2,8 @@
 
 A study file has four tables::
 
-    [study]      name, objective, metrics, directions, sampler, pruner, n_trials, timeout,
-                 seed, presets
+    [study]      name, objective, metrics, directions, sampler, sampler_options, pruner,
+                 pruner_options, n_trials, timeout, seed, presets, warm_start, warm_start_top
     [objective]  the objective's data settings (see its OPTIONS)
     [training]   fixed training settings (loss, learning_rate, batch_size, epochs,
                  weight_decay, device)
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,78 @@ DIRECTIONS = ("minimize", "maximize")
 DEVICES = ("auto", "cpu", "cuda")
 TABLES = ("study", "objective", "training", "space")
 STUDY_KEYS = (
-    "name", "objective", "metrics", "directions", "sampler", "pruner", "n_trials", "timeout",
-    "seed", "presets", "description",
+    "name", "objective", "metrics", "directions", "sampler", "sampler_options", "pruner",
+    "pruner_options", "n_trials", "timeout", "seed", "presets", "warm_start", "warm_start_top",
+    "description",
 )
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 SpecError = StudyFileError  # a study file that cannot be run: names the file, key, what is allowed
+
+
+@dataclass(frozen=True)
+class OptionRule:
+    """One key of ``sampler_options`` / ``pruner_options``: its type, range and extra words."""
+
+    kind: type  # int, float or bool
+    low: float | None = None
+    high: float | None = None
+    words: tuple[str, ...] = ()  # strings allowed besides the numbers ("auto")
+
+    def describe(self) -> str:
+        """What the rule allows, in words."""
+        what = {bool: "true or false", int: "an integer", float: "a number"}[self.kind]
+        if self.low is not None and self.high is not None:
+            what += f" in {self.low:g}..{self.high:g}"
+        elif self.low is not None:
+            what += f" >= {self.low:g}"
+        return " or ".join([*(f'"{word}"' for word in self.words), what])
+
+    def check(self, key: str, value: Any) -> Any:
+        """``value`` if allowed (an int where a float is asked becomes a float), else SpaceError."""
+        if isinstance(value, str) and value in self.words:
+            return value
+        kinds = (int, float) if self.kind is float else (self.kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and self.kind is not bool):
+            raise SpaceError(key, f"must be {self.describe()}, got {value!r}")
+        if self.kind is bool:
+            return value
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise SpaceError(key, f"must be {self.describe()}, got {value!r}")
+        return float(value) if self.kind is float else value
+
+
+_COUNT = OptionRule(int, 0)
+_POSITIVE = OptionRule(int, 1)
+_FLAG = OptionRule(bool)
+_PROBABILITY = OptionRule(float, 0.0, 1.0)
+# The keys of [study] sampler_options per sampler (lensnas's defaults: search/samplers.py).
+SAMPLER_OPTIONS: dict[str, dict[str, OptionRule]] = {
+    "tpe": {
+        "n_startup_trials": _COUNT, "n_ei_candidates": _POSITIVE, "multivariate": _FLAG,
+        "group": _FLAG, "constant_liar": _FLAG,
+    },
+    "gp": {"n_startup_trials": _COUNT, "deterministic_objective": _FLAG},
+    "nsga2": {
+        "population_size": OptionRule(int, 2), "mutation_prob": _PROBABILITY,
+        "crossover_prob": _PROBABILITY, "swapping_prob": _PROBABILITY,
+    },
+    "random": {},
+    "grid": {},
+}
+# The keys of [study] pruner_options per pruner; steps and resources are epochs.
+PRUNER_OPTIONS: dict[str, dict[str, OptionRule]] = {
+    "median": {
+        "n_startup_trials": _COUNT, "n_warmup_steps": _COUNT, "interval_steps": _POSITIVE,
+        "n_min_trials": _POSITIVE,
+    },
+    "hyperband": {
+        "min_resource": _POSITIVE, "max_resource": OptionRule(int, 1, words=("auto",)),
+        "reduction_factor": OptionRule(int, 2), "bootstrap_count": _COUNT,
+    },
+    "none": {},
+}
 
 
 @dataclass(frozen=True)
@@ -62,13 +128,21 @@ class StudySpec:
     device: str
     description: str = ""
     raw: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sampler_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pruner_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warm_start: tuple[str, ...] = ()  # earlier studies whose fitting trials start this one
+    warm_start_top: int | None = None  # enqueue the best K of each instead of copying them
 
     @property
     def multi_objective(self) -> bool:
         return len(self.metrics) > 1
 
-    def with_overrides(self, n_trials: int | None = None, seed: int | None = None) -> StudySpec:
-        """The same spec with ``n_trials`` and/or ``seed`` replaced (CLI overrides)."""
+    def with_overrides(
+        self, n_trials: int | None = None, seed: int | None = None,
+        warm_start: Sequence[str] = (),
+    ) -> StudySpec:
+        """The same spec with ``n_trials`` and/or ``seed`` replaced and ``warm_start`` studies
+        added to the file's (CLI overrides)."""
         changes: dict[str, Any] = {}
         if n_trials is not None:
             if n_trials < 1:
@@ -76,7 +150,15 @@ class StudySpec:
             changes["n_trials"] = n_trials
         if seed is not None:
             changes["seed"] = seed
-        raw = {**self.raw, "study": {**self.raw.get("study", {}), **changes}}
+        for name in warm_start:
+            reason = _warm_start_problem(name, self.name)
+            if reason:
+                raise OptionError(f"--warm-start {name}: {reason}")
+        stored = dict(changes)
+        if warm_start:
+            changes["warm_start"] = tuple(dict.fromkeys((*self.warm_start, *warm_start)))
+            stored["warm_start"] = list(changes["warm_start"])
+        raw = {**self.raw, "study": {**self.raw.get("study", {}), **stored}}
         return dataclasses.replace(self, raw=raw, **changes)
 
     def make_objective(self, cache_dir: str | Path | None = None, progress: bool = True) -> Any:
@@ -187,6 +269,8 @@ def _validate(path: Path, raw: dict[str, Any]) -> StudySpec:
         )
     if sampler == "gp" and len(metrics) > 1:
         raise SpaceError("study.sampler", "gp is single-objective here; allowed for several metrics: tpe, random, nsga2, grid")
+    sampler_options = _options("study.sampler_options", study.get("sampler_options", {}), sampler, "sampler", SAMPLER_OPTIONS)
+    pruner_options = _options("study.pruner_options", study.get("pruner_options", {}), pruner, "pruner", PRUNER_OPTIONS)
     n_trials = _expect("study.n_trials", study.get("n_trials", 20), int, "an integer")
     if not 1 <= n_trials <= 1_000_000:
         raise SpaceError("study.n_trials", f"must be in 1..1000000, got {n_trials}")
@@ -213,12 +297,85 @@ def _validate(path: Path, raw: dict[str, Any]) -> StudySpec:
         _one_of(f"study.presets[{i}]", preset, tuple(family.presets) or ("(none for this objective)",))
     if sampler == "grid":
         _check_grid(space)
+    _check_tpe(sampler_options)
+    if pruner == "hyperband":
+        _check_hyperband(pruner_options, training.get("epochs"))
+    warm_start = _warm_start(study.get("warm_start", []), name)
+    warm_start_top = study.get("warm_start_top")
+    if warm_start_top is not None:
+        _expect("study.warm_start_top", warm_start_top, int, "an integer")
+        if not 1 <= warm_start_top <= 10_000:
+            raise SpaceError("study.warm_start_top", f"must be in 1..10000, got {warm_start_top}")
+        if len(metrics) > 1:
+            raise SpaceError("study.warm_start_top", "ranks trials by one metric; a study of several "
+                             "metrics copies the earlier trials instead (remove warm_start_top)")
     return StudySpec(
         path=path, name=name, objective=objective_name, metrics=metrics, directions=directions,
         sampler=sampler, pruner=pruner, n_trials=n_trials, timeout=timeout, seed=seed,
         presets=presets, space=tuple(space), objective_options=options, training=training,
-        device=device, description=description, raw=raw,
+        device=device, description=description, raw=raw, sampler_options=sampler_options,
+        pruner_options=pruner_options, warm_start=warm_start, warm_start_top=warm_start_top,
     )
+
+
+def _options(key: str, table: Any, chosen: str, what: str, rules: dict[str, dict[str, OptionRule]]) -> dict[str, Any]:
+    """A checked ``sampler_options`` / ``pruner_options`` table for the ``chosen`` sampler/pruner."""
+    if not isinstance(table, dict):
+        raise SpaceError(key, f"must be a table of options, got {table!r}")
+    allowed = rules[chosen]
+    options = {}
+    for option, value in table.items():
+        if option not in allowed:
+            if not allowed:
+                raise SpaceError(f"{key}.{option}", f'the {what} "{chosen}" takes no options; allowed: none')
+            hint = closest(option, allowed)
+            raise SpaceError(f"{key}.{option}", f"not an option of the {what} \"{chosen}\"{hint}; allowed: {', '.join(allowed)}")
+        options[option] = allowed[option].check(f"{key}.{option}", value)
+    return options
+
+
+def _check_tpe(options: dict[str, Any]) -> None:
+    if options.get("group") and options.get("multivariate") is False:
+        raise SpaceError("study.sampler_options.group", "needs multivariate = true; allowed with multivariate = false: group = false")
+
+
+def _check_hyperband(options: dict[str, Any], epochs: Any) -> None:
+    """Hyperband's resources (epochs) must be reachable: min <= max <= training.epochs."""
+    max_resource = options.get("max_resource", "auto")
+    min_resource = options.get("min_resource", 1)
+    if isinstance(epochs, int) and min_resource > epochs:
+        raise SpaceError("study.pruner_options.min_resource", f"{min_resource} epochs is more than training.epochs ({epochs}): no trial would be pruned; allowed: 1..{epochs}")
+    if max_resource == "auto":
+        if options.get("bootstrap_count", 0) > 0:
+            raise SpaceError("study.pruner_options.bootstrap_count", 'needs an integer max_resource (not "auto"); allowed with "auto": 0')
+        return
+    key = "study.pruner_options.max_resource"
+    if max_resource < min_resource:
+        raise SpaceError(key, f"must be at least min_resource ({min_resource}), got {max_resource}")
+    if isinstance(epochs, int) and max_resource > epochs:
+        raise SpaceError(key, f"{max_resource} epochs is more than training.epochs ({epochs}): no trial reaches it; allowed: {min_resource}..{epochs} or \"auto\"")
+
+
+def _warm_start_problem(name: Any, own_name: str) -> str | None:
+    """Why ``name`` cannot be a warm-start study, or None."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        return f"must be a study name (letters, digits, '_', '.', '-'), got {name!r}"
+    if name == own_name:
+        return "is this study itself; allowed: the name of an earlier study in the same storage"
+    return None
+
+
+def _warm_start(value: Any, own_name: str) -> tuple[str, ...]:
+    if value == []:
+        return ()
+    names = _string_list("study.warm_start", value)
+    for i, name in enumerate(names):
+        reason = _warm_start_problem(name, own_name)
+        if reason:
+            raise SpaceError(f"study.warm_start[{i}]", reason)
+    if len(set(names)) != len(names):
+        raise SpaceError("study.warm_start", f"has repeated studies: {list(names)}")
+    return names
 
 
 def _training(table: dict[str, Any], family: Any, searched: set[str]) -> tuple[dict[str, Any], str]:

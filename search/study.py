@@ -13,7 +13,8 @@ import os
 import socket
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from lensnas.objectives.base import TrialPruned
 from lensnas.search.artifacts import store_trial_artifacts
 from lensnas.search.samplers import make_pruner, make_sampler
 from lensnas.search.spec import SpecError, StudySpec
-from lensnas.spaces.dimensions import admits, suggest
+from lensnas.spaces.dimensions import Dimension, admits, parse_space, suggest
+from lensnas.spaces.errors import LensnasError, OptionError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FAIL_REASON = "fail_reason"
@@ -100,6 +102,243 @@ def enqueue_presets(spec: StudySpec, study: optuna.Study) -> list[str]:
 def finished_count(study: optuna.Study) -> int:
     """Trials that count towards n_trials: COMPLETE and PRUNED."""
     return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+WARM_START_FROM = "warm_start_from"  # trial user attribute: "study:number" it was copied from
+WARM_STARTED = "warm_started_from"  # study user attribute: the earlier studies already used
+
+
+Source = tuple[optuna.Study, dict[str, Any]]  # an earlier study and what it did not search
+
+
+def warm_start_sources(
+    spec: StudySpec, storage: optuna.storages.BaseStorage, from_cli: Collection[str] = (),
+) -> dict[str, Source]:
+    """The earlier studies of ``spec.warm_start`` not yet used by the stored study, checked.
+
+    A study that is missing, or has another objective, metrics, directions or data settings
+    ([objective]; the seed may differ) is a one-line SpecError (OptionError for ``from_cli``
+    names, given with ``--warm-start``), raised before anything is created or copied.
+    """
+    if not spec.warm_start:
+        return {}
+    done: list[str] = []
+    if spec.name in optuna.get_all_study_names(storage):
+        stored = optuna.load_study(study_name=spec.name, storage=storage)
+        done = list(stored.user_attrs.get(WARM_STARTED, []))
+    return {
+        name: _warm_start_source(spec, storage, name, name in from_cli)
+        for name in spec.warm_start if name not in done
+    }
+
+
+def warm_start_study(spec: StudySpec, study: optuna.Study, sources: dict[str, Source]) -> list[str]:
+    """Start ``study`` from earlier studies (:func:`warm_start_sources`); one line per study
+    says what was done.
+
+    The finished trials (COMPLETE and PRUNED) of each earlier study whose parameters fit this
+    study's space (:func:`fit_params`) are copied with their values, intermediate values and
+    user attributes, each marked ``warm_start_from = "study:number"``; with
+    ``spec.warm_start_top = K`` the params of its best K fitting COMPLETE trials are enqueued
+    as the first new trials instead. Copied trials are finished trials of this study: they
+    count towards n_trials as presets and resumed trials do (``finished_count``), and the
+    sampler (TPE, GP) and the median pruner see them; Hyperband's rungs, NSGA-II's generations
+    and the grid's cells count only trials run here. An earlier study is used once: it is
+    recorded in the study attribute ``warm_started_from`` and skipped on resume.
+    """
+    done = list(study.user_attrs.get(WARM_STARTED, []))
+    copied = {t.user_attrs.get(WARM_START_FROM) for t in study.get_trials(deepcopy=False)}
+    lines = []
+    for name, (source, fixed) in sources.items():
+        if name in done:  # another launcher used it meanwhile
+            continue
+        if spec.warm_start_top is None:
+            lines.append(_copy_trials(spec, study, name, source, fixed, copied))
+        else:
+            lines.append(_enqueue_best(spec, study, name, source, fixed))
+        done.append(name)
+        study.set_user_attr(WARM_STARTED, done)
+    return lines
+
+
+def _warm_start_source(
+    spec: StudySpec, storage: optuna.storages.BaseStorage, name: str, cli: bool
+) -> Source:
+    """The earlier study ``name`` and what it did not search; an error if it cannot be used."""
+    from lensnas.objectives import objective_class
+
+    def refuse(reason: str) -> LensnasError:
+        if cli:
+            return OptionError(f"--warm-start {name}: {reason}")
+        return SpecError(f"{spec.path}: study.warm_start: '{name}' {reason}")
+
+    stored = optuna.get_all_study_names(storage)
+    if name not in stored:
+        raise refuse(f"is not a study of this storage; stored studies: {', '.join(stored) or 'none'}")
+    source = optuna.load_study(study_name=name, storage=storage)
+    attrs = source.user_attrs
+    if attrs.get("objective") != spec.objective:
+        raise refuse(f"is a study of objective '{attrs.get('objective')}', this one of "
+                     f"'{spec.objective}'; allowed: a study of the same objective")
+    theirs = (list(attrs.get("metrics", [])), [d.name.lower() for d in source.directions])
+    ours = (list(spec.metrics), list(spec.directions))
+    if theirs != ours:
+        raise refuse(f"optimises {theirs[0]} ({', '.join(theirs[1])}), this study {ours[0]} "
+                     f"({', '.join(ours[1])}); allowed: a study of the same metrics and directions")
+    cls = objective_class(spec.objective)
+    raw = attrs.get("spec")
+    try:
+        options = cls.check_options(raw.get("objective", {}))
+        space = parse_space(raw.get("space", {}))
+        training = dict(raw.get("training", {}))
+    except (AttributeError, LensnasError) as error:
+        raise refuse(f"has a stored study file lensnas cannot read now ({error})") from None
+    differ = sorted(k for k in {*options, *spec.objective_options}
+                    if options.get(k) != spec.objective_options.get(k))
+    if differ:
+        raise refuse(f"has other data settings ({', '.join(f'objective.{k}' for k in differ[:4])} "
+                     "differ): its values are not comparable; allowed: a study of the same [objective]")
+    return source, fixed_config(cls.family, training, space)
+
+
+def fixed_config(family: Any, training: dict[str, Any], space: Iterable[Dimension]) -> dict[str, Any]:
+    """What a study does not search: family defaults < [training] < fixed [space] values."""
+    fixed = {d.name: d.value for d in space if not d.searched}
+    return family.config({**{k: v for k, v in training.items() if k != "device"}, **fixed})
+
+
+def fit_params(
+    trial: optuna.trial.FrozenTrial, space: list[Dimension], source_fixed: dict[str, Any],
+    fixed: dict[str, Any],
+) -> tuple[dict[str, Any], str | None]:
+    """(this study's params for an earlier trial, None), or ({}, why it does not fit).
+
+    The trial's full configuration (its study's fixed values < its params) must be one this
+    study can produce: each active searched dimension holds a value its range or choices
+    contain, a dimension inactive here was not set, and everything else equals this study's
+    fixed value (``fixed``: :func:`fixed_config`).
+    """
+    config = {**source_fixed, **trial.params}
+    chosen: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for dimension in space:  # parents first
+        name = dimension.name
+        if not dimension.active(chosen):
+            if name in trial.params:
+                return {}, f"{name} is set but inactive here ({_conditions(dimension)})"
+            continue
+        value = config.get(name)
+        if dimension.searched:
+            reason = _outside(dimension, value)
+            if reason:
+                return {}, reason
+            params[name] = int(value) if dimension.kind == "int" else value
+        elif value != dimension.value:
+            return {}, f"{name}={value!r}, fixed at {dimension.value!r} here"
+        chosen[name] = value
+    names = {d.name for d in space}
+    for key in sorted({*config, *fixed} - names):
+        if config.get(key) != fixed.get(key):
+            return {}, f"{key}={config.get(key)!r}, fixed at {fixed.get(key)!r} here"
+    return params, None
+
+
+def _conditions(dimension: Dimension) -> str:
+    return ", ".join(f"{parent} in {list(values)}" for parent, values in dimension.when.items())
+
+
+def _outside(dimension: Dimension, value: Any) -> str | None:
+    """Why ``value`` is not an outcome of searched ``dimension``, or None."""
+    name = dimension.name
+    if dimension.kind == "categorical":
+        return None if dimension.admits(value) else f"{name}={value!r} not one of {list(dimension.choices)}"
+    on_grid = True
+    if dimension.admits(value) and dimension.kind == "float" and dimension.step:
+        steps = (value - dimension.low) / dimension.step
+        on_grid = abs(steps - round(steps)) < 1e-8
+    if dimension.admits(value) and on_grid:
+        return None
+    step = f" step {dimension.step:g}" if dimension.step else ""
+    return f"{name}={value!r} outside {dimension.low:g}..{dimension.high:g}{step}"
+
+
+def distribution(dimension: Dimension) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution that :func:`lensnas.spaces.dimensions.suggest` asks for."""
+    if dimension.kind == "int":
+        return optuna.distributions.IntDistribution(
+            int(dimension.low), int(dimension.high), log=dimension.log, step=int(dimension.step or 1))
+    if dimension.kind == "float":
+        return optuna.distributions.FloatDistribution(
+            dimension.low, dimension.high, log=dimension.log, step=dimension.step)
+    return optuna.distributions.CategoricalDistribution(list(dimension.choices))
+
+
+def _fitting(
+    spec: StudySpec, source: optuna.Study, source_fixed: dict[str, Any], states: tuple[TrialState, ...],
+) -> tuple[list[tuple[optuna.trial.FrozenTrial, dict[str, Any]]], Counter[str], int]:
+    """([(trial, params)] of the source's trials in ``states`` that fit, reasons of the rest, total)."""
+    from lensnas.objectives import objective_class
+
+    fixed = fixed_config(objective_class(spec.objective).family, spec.training, spec.space)
+    trials = source.get_trials(deepcopy=False, states=states)
+    fitting, reasons = [], Counter()
+    for trial in trials:
+        params, reason = fit_params(trial, list(spec.space), source_fixed, fixed)
+        if reason is None:
+            fitting.append((trial, params))
+        else:
+            reasons[reason] += 1
+    return fitting, reasons, len(trials)
+
+
+def _rest(reasons: Counter[str]) -> str:
+    """'; 2 do not fit the space: depth=5 outside 1..3, ...' or ''."""
+    if not reasons:
+        return ""
+    shown = [f"{reason}" + (f" ({count} trials)" if count > 1 else "")
+             for reason, count in reasons.most_common(3)]
+    more = ", ..." if len(reasons) > 3 else ""
+    return f"; {reasons.total()} do not fit the space: {', '.join(shown)}{more}"
+
+
+def _copy_trials(
+    spec: StudySpec, study: optuna.Study, name: str, source: optuna.Study,
+    source_fixed: dict[str, Any], copied: set[Any],
+) -> str:
+    """Copy the source's fitting finished trials into ``study``; the line that says so."""
+    fitting, reasons, total = _fitting(spec, source, source_fixed, FINISHED)
+    distributions = {d.name: distribution(d) for d in spec.space if d.searched}
+    new = []
+    for trial, params in fitting:
+        mark = f"{name}:{trial.number}"
+        if mark in copied:  # an earlier launch stopped before recording the study as used
+            continue
+        new.append(optuna.trial.create_trial(
+            state=trial.state, values=trial.values, params=params,
+            distributions={key: distributions[key] for key in params},
+            user_attrs={**trial.user_attrs, WARM_START_FROM: mark},
+            system_attrs={k: v for k, v in trial.system_attrs.items() if k.startswith("artifacts:")},
+            intermediate_values=trial.intermediate_values,
+        ))
+    study.add_trials(new)
+    here = len(fitting) - len(new)
+    already = f" ({here} already here)" if here else ""
+    return f"warm start: copied {len(new)} of {total} finished trials of {name}{already}{_rest(reasons)}"
+
+
+def _enqueue_best(
+    spec: StudySpec, study: optuna.Study, name: str, source: optuna.Study,
+    source_fixed: dict[str, Any],
+) -> str:
+    """Enqueue the params of the source's best ``warm_start_top`` fitting COMPLETE trials."""
+    fitting, reasons, total = _fitting(spec, source, source_fixed, (TrialState.COMPLETE,))
+    sign = -1.0 if spec.directions[0] == "maximize" else 1.0
+    best = sorted(fitting, key=lambda pair: sign * pair[0].values[0])[: spec.warm_start_top]
+    for trial, params in best:
+        study.enqueue_trial(params, user_attrs={WARM_START_FROM: f"{name}:{trial.number}"},
+                            skip_if_exists=True)
+    return (f"warm start: enqueued the params of the best {len(best)} of {total} complete "
+            f"trials of {name}{_rest(reasons)}")
 
 
 class OptunaContext:
