@@ -133,25 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    shear = predict.add_argument_group("shear networks: the PSF and response calibration")
-    shear.add_argument(
+    psf = predict.add_argument_group("networks that take a PSF, and response calibration")
+    psf.add_argument(
         "--psf", default=None, metavar="FILE",
         help="PSF image(s) on the stamps' grid, pixel included (.npy or FITS): one (H, W) for all "
              "stamps or one per stamp (N, H, W), normalised to unit sum; the second input "
              "channel of networks that take the PSF (required for them), and metacal's PSF",
     )
-    shear.add_argument(
+    psf.add_argument(
         "--calibrate", default=None, metavar="metacal",
-        help="metacal: calibrate the network by its response to metacal's sheared images (needs "
-             "--psf); the CSV gets g1_raw, g2_raw (the network on metacal's unsheared image), "
-             "R11, R12, R21, R22 and g1, g2 = <R>^-1 (g1_raw, g2_raw) by the mean response",
+        help="metacal: calibrate the network by its response to metacal's images distorted by "
+             "+-0.01 (needs --psf); the CSV gets g1_raw, g2_raw (the network on metacal's "
+             "undistorted image), R11, R12, R21, R22 and g1, g2 = <R>^-1 (g1_raw, g2_raw) by "
+             "the mean response",
     )
-    shear.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
-                       help="the stamps' arcsec per pixel, for --calibrate when the export "
-                            "stores none (default: the export's)")
-    shear.add_argument("--noise-sigma", type=float, default=None, metavar="SIGMA",
-                       help="the stamps' pixel noise, for metacal's noise correction with "
-                            "--calibrate (default: the export's training noise)")
+    psf.add_argument("--pixel-scale", type=float, default=None, metavar="ARCSEC",
+                     help="the stamps' arcsec per pixel, for --calibrate when the export "
+                          "stores none (default: the export's)")
+    psf.add_argument("--noise-sigma", type=float, default=None, metavar="SIGMA",
+                     help="the stamps' pixel noise, for metacal's noise correction with "
+                          "--calibrate (default: the export's training noise)")
 
     serve = commands.add_parser(
         "serve", help="local web page: choose an exported network, drop files, get results"
