@@ -202,7 +202,7 @@ def test_calibrated_metrics_divide_by_the_mean_metacal_response(trained) -> None
     "extra, appended, expected",
     [
         ("", "[objective.test_populations.wide]\npsf_fwhmm = 1.0",
-         "objective.test_populations.wide.psf_fwhmm: unknown key; a population may change:"),
+         "objective.test_populations.wide.psf_fwhmm: unknown key (did you mean 'psf_fwhm'?); a population may change:"),
         ("", "[objective.test_populations.wide]\nstamp_size = 31",
          "objective.test_populations.wide.stamp_size: unknown key"),
         ("", "[objective.test_populations.noisy]\nnoise_sigma = [1e-3, 1e-5]",

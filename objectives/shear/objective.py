@@ -45,7 +45,7 @@ from lensnas.objectives.shear.ngmix_backend import INSTALL_HINT
 from lensnas.objectives.shear.reference import cached_measure, is_available
 from lensnas.objectives.training import REGRESSION_LOSSES, predict
 from lensnas.spaces.d4 import random_transform
-from lensnas.spaces.dimensions import SpaceError
+from lensnas.spaces.dimensions import SpaceError, closest
 from lensnas.spaces.shear.cnn import SHEAR_CNN
 
 logger = logging.getLogger("lensnas.shear")
@@ -705,7 +705,8 @@ def _check_populations(options: dict[str, Any], prefix: str) -> dict[str, dict[s
                 f"must be a table of simulation keys to change, got {overrides!r}")
         for key in overrides:
             require(key in POPULATION_KEYS, f"{where}.{key}",
-                    f"unknown key; a population may change: {', '.join(POPULATION_KEYS)}")
+                    f"unknown key{closest(key, POPULATION_KEYS)}; a population may change: "
+                    f"{', '.join(POPULATION_KEYS)}")
         merged = _check_simulation({**base, **overrides}, where)
         checked[name] = {key: merged[key] for key in overrides}
     return checked
