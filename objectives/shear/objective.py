@@ -566,11 +566,13 @@ class ShearObjective(Objective):
         the reference estimator measured on the same galaxies."""
         batch = max(config["batch_size"], 256)
 
+        def estimate(images: np.ndarray, psf: np.ndarray | None) -> np.ndarray:
+            """The network's (g1, g2) of stamps whose PSF image is ``psf``."""
+            return predict(model, self.stamp_inputs(images, psf), batch, ctx.device)
+
         def estimates(test: dict[str, np.ndarray], psf: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
             """The network's estimates at +g and at -g of a paired test set."""
-            plus, minus = (predict(model, self.stamp_inputs(test[name], psf), batch, ctx.device)
-                           for name in ("images", "images_minus"))
-            return plus, minus
+            return estimate(test["images"], psf), estimate(test["images_minus"], psf)
 
         def measure(
             test: dict[str, np.ndarray], references: list[Baseline]
@@ -593,9 +595,6 @@ class ShearObjective(Objective):
             plus, minus = estimates(population.arrays, population.psf())
             populations[name] = population_metrics(population, plus, minus)
         if self.metacal_sets:
-            def estimate(images: np.ndarray, psf: np.ndarray | None) -> np.ndarray:
-                return predict(model, self.stamp_inputs(images, psf), batch, ctx.device)
-
             test = TestPopulation(TRAINING_POPULATION, self.simulation, self.split_arrays("test"),
                                   self.dataset_key)
             for name, population in {TRAINING_POPULATION: test, **self.populations}.items():
