@@ -99,11 +99,8 @@ def metacal_chunk(
             targets[...] = target
         else:
             targets[i] = target
-        sigma = float(noise_sigmas[i])
-        noise = None
-        if metacal.resolve_fix_noise(fix_noise, sigma) and sigma > 0:
-            rng = np.random.default_rng(np.random.SeedSequence([seed, first_index + i]))
-            noise = rng.normal(0.0, sigma, images.shape[1:])
+        noise = metacal.correcting_noise(float(noise_sigmas[i]), fix_noise, seed, first_index + i,
+                                         images.shape[1:])
         try:
             versions = kernel.images(images[i], noise)
         except galsim.GalSimError:

@@ -210,6 +210,16 @@ def measure_one(
     return e, response
 
 
+def correcting_noise(
+    noise_sigma: float, fix_noise: bool | None, seed: int, index: int, shape: tuple[int, ...]
+) -> np.ndarray | None:
+    """The noise image that corrects object ``index``'s sheared noise (None when the correction
+    is off): from ``SeedSequence([seed, index])``, so results do not depend on chunking."""
+    if not (resolve_fix_noise(fix_noise, noise_sigma) and noise_sigma > 0):
+        return None
+    return np.random.default_rng(np.random.SeedSequence([seed, index])).normal(0.0, noise_sigma, shape)
+
+
 def measure_chunk(
     images: np.ndarray,
     psf_images: np.ndarray,
@@ -232,7 +242,6 @@ def measure_chunk(
     count = len(images)
     if images.shape[1] != images.shape[2]:
         raise ValueError(f"metacal needs square stamps, got {images.shape[1]}x{images.shape[2]}")
-    use_noise = resolve_fix_noise(fix_noise, noise_sigma) and noise_sigma > 0
     e = np.full((count, 2), np.nan)
     response = np.full((count, 2, 2), np.nan)
     kernels: dict[bytes, MetacalKernel] = {}
@@ -244,10 +253,7 @@ def measure_chunk(
             kernels[key] = MetacalKernel(
                 psf_image, pixel_scale, images.shape[1], step, psf, interpolant
             )
-        noise = None
-        if use_noise:
-            rng = np.random.default_rng(np.random.SeedSequence([seed, first_index + i]))
-            noise = rng.normal(0.0, noise_sigma, images.shape[1:])
+        noise = correcting_noise(noise_sigma, fix_noise, seed, first_index + i, images.shape[1:])
         try:
             e[i], response[i] = measure_one(kernels[key], images[i], noise)
         except galsim.GalSimError:
