@@ -24,7 +24,7 @@ from lensnas.objectives.shear.data import (
     simulate_split,
     simulation_config,
 )
-from lensnas.objectives.shear.metrics import linear_bias, paired_bias, rmse
+from lensnas.objectives.shear.metrics import linear_bias, paired_bias, response_matched_bias, rmse
 from lensnas.objectives.shear.reference import cached_measure, is_available
 
 BASELINE_ESTIMATORS: tuple[tuple[str, str, dict[str, Any]], ...] = (
@@ -83,7 +83,11 @@ def _row(label: str, conditions: dict[str, Any], plus: Any, minus: Any, labels: 
     if np.count_nonzero(ok) >= 3:
         rmse_g1, rmse_g2, rmse_all = rmse(plus.g[ok], labels[ok])
         metrics.update(rmse_g1=rmse_g1, rmse_g2=rmse_g2, rmse=rmse_all)
-        metrics.update(paired_bias(plus.g[ok], minus.g[ok], shear[ok]).as_dict())
+        if plus.R is not None:  # metacal: m, c against each pair's own response
+            bias = response_matched_bias(plus.e[ok], minus.e[ok], plus.R[ok], minus.R[ok], shear[ok])
+        else:
+            bias = paired_bias(plus.g[ok], minus.g[ok], shear[ok])
+        metrics.update(bias.as_dict())
         metrics.update(linear_bias(plus.g[ok], shear[ok]).as_dict(prefix="linear_"))
         if plus.g_per_object_response is not None:
             metrics["object_rmse"] = rmse(plus.g_per_object_response[ok], labels[ok])[2]

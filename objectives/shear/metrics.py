@@ -8,11 +8,14 @@ Convention: an estimator measures ``e_i = (1 + m_i) g_i + c_i`` for component i.
   +g and -g with the same noise, so ``(e+ - e-)/2 = (1 + m) g`` and ``(e+ + e-)/2 = c``.
   ``1 + m`` is the least-squares slope through the origin; errors are delete-one-block
   jackknife errors.
+* :func:`response_matched_bias` does the same for an estimator calibrated by its response to
+  shear (metacal): each pair's raw change against the change its own response predicts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +75,25 @@ def _paired_estimates(plus: np.ndarray, minus: np.ndarray, truth: np.ndarray) ->
     return np.concatenate([m, c])
 
 
+def _jackknife_bias(estimates: Any, arrays: tuple[np.ndarray, ...], n_blocks: int) -> Bias:
+    """``estimates(*arrays) -> [m1, m2, c1, c2]`` on all objects, with delete-one-block
+    jackknife errors over ``n_blocks`` contiguous blocks of objects (fewer if N is small)."""
+    count = len(arrays[0])
+    full = estimates(*arrays)
+    n_blocks = max(2, min(n_blocks, count))
+    samples = []
+    for block in np.array_split(np.arange(count), n_blocks):
+        keep = np.ones(count, bool)
+        keep[block] = False
+        samples.append(estimates(*(array[keep] for array in arrays)))
+    samples = np.array(samples)
+    errors = np.sqrt((n_blocks - 1) / n_blocks * np.sum((samples - samples.mean(axis=0)) ** 2, axis=0))
+    return Bias(
+        m=(float(full[0]), float(full[1])), m_err=(float(errors[0]), float(errors[1])),
+        c=(float(full[2]), float(full[3])), c_err=(float(errors[2]), float(errors[3])),
+    )
+
+
 def paired_bias(
     plus: np.ndarray, minus: np.ndarray, truth: np.ndarray, n_blocks: int = 100
 ) -> Bias:
@@ -79,22 +101,36 @@ def paired_bias(
 
     Jackknife errors over ``n_blocks`` contiguous blocks of galaxies (fewer if N is small).
     """
-    plus, minus, truth = (np.asarray(a, float) for a in (plus, minus, truth))
-    count = len(truth)
-    full = _paired_estimates(plus, minus, truth)
-    n_blocks = max(2, min(n_blocks, count))
-    blocks = np.array_split(np.arange(count), n_blocks)
-    samples = []
-    for block in blocks:
-        keep = np.ones(count, bool)
-        keep[block] = False
-        samples.append(_paired_estimates(plus[keep], minus[keep], truth[keep]))
-    samples = np.array(samples)
-    errors = np.sqrt((n_blocks - 1) / n_blocks * np.sum((samples - samples.mean(axis=0)) ** 2, axis=0))
-    return Bias(
-        m=(float(full[0]), float(full[1])), m_err=(float(errors[0]), float(errors[1])),
-        c=(float(full[2]), float(full[3])), c_err=(float(errors[2]), float(errors[3])),
-    )
+    arrays = tuple(np.asarray(a, float) for a in (plus, minus, truth))
+    return _jackknife_bias(_paired_estimates, arrays, n_blocks)
+
+
+def _response_matched_estimates(
+    plus: np.ndarray, minus: np.ndarray, response: np.ndarray, shear: np.ndarray
+) -> np.ndarray:
+    predicted = np.einsum("nij,nj->ni", response, shear)
+    m = np.sum((plus - minus) / 2 * shear, axis=0) / np.sum(predicted * shear, axis=0) - 1
+    c = np.mean((plus + minus) / 2, axis=0) @ np.linalg.inv(response.mean(axis=0)).T
+    return np.concatenate([m, c])
+
+
+def response_matched_bias(
+    plus: np.ndarray, minus: np.ndarray, response_plus: np.ndarray, response_minus: np.ndarray,
+    shear: np.ndarray, n_blocks: int = 100,
+) -> Bias:
+    """m, c of an estimator calibrated by its response to shear, from raw paired estimates
+    ``plus``/``minus`` (N, 2) at +g/-g and each object's response (N, 2, 2) at +g and -g.
+
+    ``1 + m_i = sum (e+ - e-)_i / 2 g_i / sum (R g)_i g_i``, R each pair's mean response: the
+    raw change of each pair against the change its own measured response predicts. Where shears
+    are drawn independently of the galaxies this has the expectation of dividing by the mean
+    response, ``<R>^-1 e``, without the error from the scatter of responses between galaxies
+    (metacal's m error on 1000 pairs: about 1e-2 that way). ``c = <(e+ + e-)/2> <R>^-1``.
+    Jackknife errors as :func:`paired_bias`.
+    """
+    response = (np.asarray(response_plus, float) + np.asarray(response_minus, float)) / 2
+    arrays = (np.asarray(plus, float), np.asarray(minus, float), response, np.asarray(shear, float))
+    return _jackknife_bias(_response_matched_estimates, arrays, n_blocks)
 
 
 def shear_metrics(

@@ -40,7 +40,14 @@ from lensnas.objectives.shear.data import (
     simulation_config,
     split_seeds,
 )
-from lensnas.objectives.shear.metrics import psf_leakage, rmse, shear_metrics, worst_bias
+from lensnas.objectives.shear.metrics import (
+    Bias,
+    psf_leakage,
+    response_matched_bias,
+    rmse,
+    shear_metrics,
+    worst_bias,
+)
 from lensnas.objectives.shear.ngmix_backend import INSTALL_HINT
 from lensnas.objectives.shear.reference import cached_measure, is_available
 from lensnas.objectives.training import REGRESSION_LOSSES, predict
@@ -424,6 +431,10 @@ class ShearObjective(Objective):
         ok = results[0].ok & results[1].ok
         metrics = shear_metrics(results[0].g[ok], test["labels"][ok], results[1].g[ok],
                                 shear=test["shear"][ok])
+        if results[0].R is not None:  # metacal: m, c against each pair's own response
+            metrics.update(_bias_dict(response_matched_bias(
+                results[0].e[ok], results[1].e[ok], results[0].R[ok], results[1].R[ok],
+                test["shear"][ok])))
         metrics["n_failed"] = float(np.count_nonzero(~ok))
         metrics["galaxies_per_core_second"] = results[0].galaxies_per_core_second
         rows = []
@@ -668,8 +679,9 @@ def response_calibrated_metrics(
 ) -> dict[str, float]:
     """The metrics of :func:`population_metrics` (prefixed ``cal_``) of an estimator calibrated
     by its response to metacal's images of the population's stamps: shears at +g and -g both
-    divided by the mean response over the two sets; ``cal_object_rmse`` with each galaxy's
-    own response."""
+    divided by the mean response over the two sets (RMSE, PSF leakage); m and c by
+    :func:`response_matched_bias` (the same expectation, without the scatter of responses
+    between galaxies); ``cal_object_rmse`` with each galaxy's own response."""
     e_plus, r_plus = network_response(estimate, metacal_plus, METACAL_STEP)
     e_minus, r_minus = network_response(estimate, metacal_minus, METACAL_STEP)
     ok = metacal_plus["ok"] & metacal_minus["ok"]
@@ -682,6 +694,8 @@ def response_calibrated_metrics(
                            if key in ("labels", "shear", "psf_g1", "psf_g2")},
                           population.key)
     metrics = population_metrics(kept, plus, minus)
+    metrics.update(_bias_dict(response_matched_bias(
+        e_plus[ok], e_minus[ok], r_plus[ok], r_minus[ok], kept.arrays.get("shear", kept.arrays["labels"]))))
     out = {f"{CALIBRATED}{key}": value for key, value in metrics.items()}
     per_galaxy = both["g_object"][: len(ok)][ok]
     out[f"{CALIBRATED}object_rmse"] = rmse(per_galaxy, kept.arrays["labels"])[2]
@@ -689,6 +703,12 @@ def response_calibrated_metrics(
         float(both["response"][0, 0]), float(both["response"][1, 1]))
     out[f"{CALIBRATED}n_failed"] = float(np.count_nonzero(~ok))
     return out
+
+
+def _bias_dict(bias: Bias) -> dict[str, float]:
+    """m1, m1_err, ..., c2_err and abs_m, abs_c (the larger |m|, |c| of the two components)."""
+    return {**bias.as_dict(), "abs_m": max(abs(bias.m[0]), abs(bias.m[1])),
+            "abs_c": max(abs(bias.c[0]), abs(bias.c[1]))}
 
 
 def _check_populations(options: dict[str, Any], prefix: str) -> dict[str, dict[str, Any]]:
