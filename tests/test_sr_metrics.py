@@ -33,6 +33,7 @@ from lensnas.objectives.sr.metrics import (
     sr_loss,
     ssim,
     ssim_per_image,
+    ssim_published_per_image,
     torch_ssim,
 )
 
@@ -84,6 +85,17 @@ def test_metrics_match_skimage_on_simulated_images(simulated):
     assert metrics["psnr"] == pytest.approx(psnrs.mean(), abs=TOLERANCE)
     assert metrics["mse"] == pytest.approx(np.mean((truth - estimate) ** 2), rel=1e-6)
     assert np.allclose(ssim_per_image(truth, estimate), ssims, atol=TOLERANCE, rtol=0)
+
+
+def test_published_ssim_is_scikit_images_default_with_the_sr_images_range(simulated):
+    """The convention of DeepLense's published Model-1 SSIM: scikit-image's defaults, data range
+    of the SR image; it differs from ours on the same images."""
+    truth, estimate = simulated
+    expected = [structural_similarity(t, e, data_range=float(e.max() - e.min()))
+                for t, e in zip(truth, estimate)]
+    published = ssim_published_per_image(truth, estimate)
+    assert np.allclose(published, expected, atol=TOLERANCE, rtol=0)
+    assert np.max(np.abs(published - ssim_per_image(truth, estimate))) > 3e-3
 
 
 def test_torch_ssim_matches_numpy_and_is_differentiable(simulated):

@@ -62,6 +62,7 @@ from lensnas.objectives.sr.metrics import (
     physics_metrics,
     psnr_per_image,
     sr_loss,
+    ssim_published_per_image,
     upsample,
 )
 from lensnas.objectives.sr.training import check_scale, load_denoiser, training_step
@@ -168,6 +169,9 @@ class SRObjective(Objective):
         "ssim": Metric("maximize", "SSIM against HR (Gaussian window 11, sigma 1.5)", summary=True),
         "psnr_gain": Metric("maximize", "PSNR minus the bicubic upsampling's PSNR (dB)", summary=True),
         "ssim_gain": Metric("maximize", "SSIM minus the bicubic upsampling's SSIM", summary=True),
+        "ssim_published": Metric(
+            "maximize", "SSIM in the convention of DeepLense's published Model-1 numbers "
+            "(scikit-image's defaults: 7x7 uniform window, data range of the SR image)"),
         "mse": Metric("minimize", "mean squared error against HR"),
         "flux_error": Metric(
             "minimize", "|total flux of SR - HR's| / HR's, per image, averaged", summary=True),
@@ -359,6 +363,7 @@ class SRObjective(Objective):
     def _test_metrics(self, estimate: np.ndarray, data: dict[str, np.ndarray]) -> dict[str, float]:
         """Image and physics metrics of HR ``estimate`` on the test set."""
         metrics = image_metrics(data["test_hr"], estimate)
+        metrics["ssim_published"] = float(np.mean(ssim_published_per_image(data["test_hr"], estimate)))
         metrics.update(physics_metrics(data["test_hr"], estimate, data["test_lr"], self.operator,
                                        data.get("test_lr_noise")))
         return metrics
