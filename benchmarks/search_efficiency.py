@@ -211,7 +211,7 @@ class Size:
 
 
 FULL = Size(n_train=2000, n_validation=300, n_test=500, epochs=6)
-QUICK = Size(n_train=500, n_validation=200, n_test=300, epochs=4)  # 4: Hyperband's rungs 1, 3 < 4
+QUICK = Size(n_train=800, n_validation=200, n_test=300, epochs=4)  # 4: Hyperband's rungs 1, 3 < 4
 
 
 def spent_epochs(study: optuna.Study) -> int:
@@ -727,7 +727,7 @@ def report(results: list[StudyResult], console: Console) -> list[tuple[str, list
             console.print(table.rich())
         console.print()
         for line in lines:
-            console.print(line)
+            console.print(line, markup=False, highlight=False)
         sections.append((space, tables, lines))
     return sections
 
@@ -756,6 +756,7 @@ def write_png(results: Sequence[StudyResult], path: Path) -> None:
     """The anytime curves with matplotlib: a panel per space, x epochs summed, y the best value
     (median line, min-max band over seeds), one colour per strategy."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -770,6 +771,9 @@ def write_png(results: Sequence[StudyResult], path: Path) -> None:
             axis.step(xs, median, where="post", color=colour, label=label)
             axis.fill_between(xs, low, high, step="post", color=colour, alpha=0.15, linewidth=0)
         axis.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+        axis.yaxis.set_major_formatter(plain)
+        axis.yaxis.set_minor_formatter(plain)
         axis.set_xlabel("training epochs summed over trials")
         axis.set_ylabel(f"best test {METRIC}")
         axis.set_title(f"{space} ({len(groups['grid'])} seeds; line median, band min-max)")
@@ -895,7 +899,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Every trial of a seed trains from that seed: a configuration scores the same whichever "
         f"strategy proposes it."
     )
-    console.print(header)
+    console.print(header, markup=False, highlight=False)
     started = time.perf_counter()
     results = run_all(spaces, strategies, list(range(1, seeds + 1)), args.trials, size,
                       Path(args.cache_dir) if args.cache_dir else None, console)
