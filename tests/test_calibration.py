@@ -6,6 +6,7 @@ and results do not depend on chunks, workers, shared or per-object PSFs or the c
 
 from __future__ import annotations
 
+import galsim
 import numpy as np
 import pytest
 
@@ -17,7 +18,7 @@ from lensnas.objectives.shear.calibration import (
     metacal_images,
     network_response,
 )
-from lensnas.objectives.shear.data import GalaxySimulation, simulate_split
+from lensnas.objectives.shear.data import GalaxySimulation, simulate_split, wide_stamps
 
 STEP = 0.01
 SLOPE = np.array([[0.8, 0.1], [-0.05, 0.9]])  # not symmetric: catches a transposed response
@@ -170,7 +171,7 @@ def test_per_object_psfs_equal_to_a_shared_psf_give_the_same_result(noisy):
 
 def test_metacal_images_are_computed_once_and_reused(noisy, tmp_path, monkeypatch):
     sim, stamps, psf, images = noisy
-    arguments = (stamps, psf, sim.pixel_scale, sim.noise_sigma)
+    arguments = (lambda: (stamps, psf, sim.noise_sigma), sim.pixel_scale)
     first = cached_metacal_images(*arguments, cache_dir=tmp_path, dataset_key="test-set",
                                   fix_noise=True, workers=1)
     for key in (*KEYS, "psf_target", "ok"):
@@ -188,6 +189,62 @@ def test_metacal_images_are_computed_once_and_reused(noisy, tmp_path, monkeypatc
     with pytest.raises(AssertionError, match="cache hit"):  # other settings: another entry
         cached_metacal_images(*arguments, cache_dir=tmp_path, dataset_key="test-set",
                               fix_noise=True, step=0.02, workers=1)
+
+
+def unweighted_distortion(images: np.ndarray, psf: np.ndarray | None) -> np.ndarray:
+    """An estimator that reads every pixel of the stamp, as a network does: the distortion of
+    the unweighted second moments of the whole stamp."""
+    size = images.shape[-1]
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    flux = images.sum(axis=(1, 2))
+    xx, yy, xy = ((images * w).sum(axis=(1, 2)) / flux for w in (x * x, y * y, x * y))
+    return np.stack([(xx - yy) / (xx + yy), 2 * xy / (xx + yy)], axis=1)
+
+
+def test_metacal_of_wider_stamps_gives_the_response_to_real_shear():
+    """Shearing a stamp shears its edge: for Sérsic n = 4 galaxies and an estimator that reads
+    the whole stamp, metacal on the stamps themselves gets the response to shear wrong; made
+    from wider stamps of the same galaxies (wide_stamps) and cropped, it is the response to
+    galaxies rendered with the shear, within 1%."""
+    sim = simulation(stamp_size=33, profile="sersic", sersic_index=4.0, half_light_radius_min=0.5,
+                     half_light_radius_max=0.8, shear_max=0.05)
+    split = simulate_split(sim, np.random.SeedSequence(3), 12, paired=True)
+    wide = wide_stamps(sim, split, 49, seed=4)
+    low = (49 - 33) // 2
+    centre = (slice(None), slice(low, low + 33), slice(low, low + 33))
+    np.testing.assert_array_equal(wide["images"][centre], split["images"])
+    np.testing.assert_array_equal(wide["images_minus"][centre], split["images_minus"])
+    noisy_sim = simulation(stamp_size=9, noise_sigma=0.1)
+    noisy_split = simulate_split(noisy_sim, np.random.SeedSequence(5), 40, paired=True)
+    ring = wide_stamps(noisy_sim, noisy_split, 21, seed=6)
+    corners = {name: ring[name][:, :5, :5] for name in ("images", "images_minus")}
+    assert 0.09 < corners["images"].std() < 0.11  # the stamps' own noise level around them
+    np.testing.assert_allclose(corners["images"], corners["images_minus"], atol=1e-3)
+    kernel = metacal.MetacalKernel(wide["psf_images"], sim.pixel_scale, 49, STEP)
+    direct = {}
+    for key, (sign1, sign2) in metacal.SHEARS.items():
+        rendered = []
+        for i in range(12):
+            galaxy = sim.sheared_galaxy(split["half_light_radius"][i], split["flux"][i],
+                                        split["intrinsic_g"][i], split["shear"][i])
+            if sign1 or sign2:
+                galaxy = galaxy.shear(g1=sign1 * STEP, g2=sign2 * STEP)
+            rendered.append(galsim.Convolve(galaxy, kernel.target).drawImage(
+                nx=33, ny=33, scale=sim.pixel_scale, method="no_pixel").array)
+        direct[key] = np.array(rendered)
+    truth = network_response(unweighted_distortion, direct, STEP)[1].mean(axis=0)
+    on_stamps = metacal_images(split["images"], sim.psf_image(), sim.pixel_scale, sim.noise_sigma,
+                               workers=1)
+    cropped = metacal_images(wide["images"], wide["psf_images"], sim.pixel_scale, sim.noise_sigma,
+                             workers=1, crop=33)
+    assert cropped["noshear"].shape == (12, 33, 33) and cropped["psf_target"].shape == (33, 33)
+    from_stamps = network_response(unweighted_distortion, on_stamps, STEP)[1].mean(axis=0)
+    from_wide = network_response(unweighted_distortion, cropped, STEP)[1].mean(axis=0)
+    assert abs(from_wide[0, 0] / truth[0, 0] - 1) < 0.01
+    assert abs(from_wide[1, 1] / truth[1, 1] - 1) < 0.01
+    assert abs(from_stamps[0, 0] / truth[0, 0] - 1) > 0.03
+    with pytest.raises(ValueError, match="even number"):
+        wide_stamps(sim, split, 48, seed=4)
 
 
 def test_bad_inputs_and_failed_objects():

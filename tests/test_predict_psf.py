@@ -175,6 +175,24 @@ def test_a_network_without_psf_channel_is_calibrated_with_per_stamp_psfs(
                                network(plain_export, images["noshear"][:, None]), atol=1e-6)
 
 
+def test_calibration_takes_wider_stamps_and_crops_after_metacal(psf_export, tmp_path):
+    """Stamps wider than the network's input: metacal runs on them, the network reads the
+    centre; the same as metacal_images(..., crop=25) in Python."""
+    wide_simulation = replace(SIMULATION, stamp_size=41)
+    stamps = simulate_split(wide_simulation, np.random.SeedSequence(9), 4)["images"]
+    psf = wide_simulation.psf_image()
+    np.save(tmp_path / "wide.npy", stamps)
+    np.save(tmp_path / "psf.npy", psf)
+    assert run(psf_export, tmp_path / "wide.npy", "--psf", tmp_path / "psf.npy",
+               "--calibrate", "metacal", "-o", tmp_path / "g.csv") == 0
+    _, rows = read_rows(tmp_path / "g.csv")
+    images = metacal_images(stamps, psf, SIMULATION.pixel_scale, SIMULATION.noise_sigma,
+                            workers=1, crop=25)
+    inputs = np.stack([images["noshear"], np.broadcast_to(images["psf_target"], (4, 25, 25))], axis=1)
+    np.testing.assert_allclose(numbers(rows, "g1_raw", "g2_raw"), network(psf_export, inputs),
+                               atol=1e-6)
+
+
 def test_an_export_without_pixel_scale_needs_the_option(psf_export, tmp_path, capsys):
     folder = tmp_path / "no-scale"
     shutil.copytree(psf_export, folder)
@@ -238,6 +256,12 @@ def refusal(case: str, folder: Path, psf_export: Path, plain_export: Path) -> tu
         return ([psf_export, stamps, "--psf", psf],
                 (f"{stamps}: images of 2 channel(s) (shape (3, 2, 25, 25)); the network takes "
                  "1; with --psf give the stamps alone"))
+    if case == "calibrated stamps of the wrong parity":
+        np.save(stamps, np.zeros((3, 30, 30)))
+        np.save(psf, np.ones((30, 30)))
+        return ([plain_export, stamps, "--psf", psf, *calibrate],
+                f"{stamps}: stamps of 30x30 pixels; the network takes 25x25: with --calibrate "
+                "metacal give stamps of 25x25 or larger by an even number of pixels")
     if case == "negative --noise-sigma":
         return ([psf_export, stamps, "--psf", psf, *calibrate, "--noise-sigma", "-1"],
                 "--noise-sigma: must be a number >= 0")
@@ -249,7 +273,7 @@ REFUSALS = ("psf network without --psf", "--calibrate without --psf", "unknown -
             "--psf missing", "--psf for a network without psf channel",
             "--calibrate for a network returning images", "--pixel-scale without --calibrate",
             "--pixel-scale unlike the export's", "negative --noise-sigma",
-            "stamps with a PSF channel and --psf")
+            "stamps with a PSF channel and --psf", "calibrated stamps of the wrong parity")
 
 
 @pytest.mark.parametrize("case", REFUSALS)

@@ -220,6 +220,9 @@ def test_calibrated_metrics_match_each_pair_to_its_metacal_response(trained) -> 
          "objective.profile: must be one of exponential, gaussian, sersic, bulge_disk or a list"),
         ("noise_sigma = [0.0, 1e-4]", "",
          "objective.noise_sigma: a range is drawn log-uniformly: low must be > 0"),
+        ('calibration = "metacal"\ncalibration_stamp_size = 30', "",
+         "objective.calibration_stamp_size: must be 0 (automatic) or at least stamp_size (25) "
+         "and differ from it by an even number, got 30"),
         ("psf_g1 = [-0.02, 0.02]", '[training]\naugment = "d4"',
          "training.augment: 'd4' needs a D4-symmetric PSF"),
     ],

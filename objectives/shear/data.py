@@ -367,6 +367,37 @@ def simulate_split(
     return split
 
 
+PER_STAMP_ARRAYS = ("images", "images_minus", "labels", "psf_images")  # not drawn parameters
+
+
+def wide_stamps(simulation: GalaxySimulation, split: dict[str, np.ndarray], wide_size: int,
+                seed: int) -> dict[str, np.ndarray]:
+    """A paired split's stamps on a larger ``wide_size`` grid (for metacal, whose shear moves
+    flux across a stamp's edge): the same galaxies rendered there, the split's own stamps (with
+    their noise) pasted in the centre, fresh noise of each galaxy's sigma around them (seeded by
+    ``seed``, the same at +g and -g); "images", "images_minus" and the PSF on that grid
+    ("psf_images": (S, S), or (N, S, S) where the PSF varies)."""
+    size = simulation.stamp_size
+    if wide_size < size or (wide_size - size) % 2:
+        raise ValueError(f"wide_size must be at least the stamp size {size} and differ from it by "
+                         f"an even number, got {wide_size}")
+    wide = replace(simulation, stamp_size=wide_size)
+    population = {key: value for key, value in split.items() if key not in PER_STAMP_ARRAYS}
+    count = len(split["images"])
+    sigma = np.broadcast_to(np.asarray(split.get("noise_sigma", simulation.typical_noise_sigma),
+                                       dtype=np.float64), (count,))
+    noise = np.random.default_rng(seed).normal(0, 1, (count, wide_size, wide_size)) * sigma[:, None, None]
+    low = (wide_size - size) // 2
+    centre = (slice(None), slice(low, low + size), slice(low, low + size))
+    noise[centre] = 0
+    out: dict[str, np.ndarray] = {}
+    for name, sign in (("images", 1.0), ("images_minus", -1.0)):
+        out[name] = render(wide, population, noise, sign)
+        out[name][centre] = split[name]
+    out["psf_images"] = psf_images(wide, population) if simulation.psf_varies else wide.psf_image()
+    return out
+
+
 def pixel_noise(simulation: GalaxySimulation, population: dict[str, np.ndarray],
                 noise_seed: np.random.SeedSequence) -> np.ndarray:
     """The pixel noise of every stamp (N, H, W): each galaxy's own sigma where it varies."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,6 +41,7 @@ from lensnas.objectives.shear.data import (
     simulate_test_at_noise,
     simulation_config,
     split_seeds,
+    wide_stamps,
 )
 from lensnas.objectives.shear.metrics import (
     Bias,
@@ -194,6 +197,9 @@ class ShearObjective(Objective):
         "test_noise_levels": [],  # the test set again at these noise sigmas (network and reference)
         "test_populations": {},  # name -> simulation keys changed: the test galaxies again, changed
         "calibration": "none",  # "metacal": also score the network calibrated by its response
+        # metacal's images come from stamps this wide, cropped to stamp_size (0: stamp_size +
+        # 2 * (stamp_size // 4), 79 around 53): a sheared stamp's edge must not reach the crop
+        "calibration_stamp_size": 0,
         **SIMULATION_DEFAULTS,
     }
     METRICS: ClassVar[dict[str, Metric]] = {
@@ -283,6 +289,12 @@ class ShearObjective(Objective):
                 f"must be one of {', '.join(REFERENCES)}, got {options['reference']!r}")
         require(options["calibration"] in CALIBRATIONS, f"{prefix}.calibration",
                 f"must be one of {', '.join(CALIBRATIONS)}, got {options['calibration']!r}")
+        size, wide = options["stamp_size"], options["calibration_stamp_size"]
+        if wide == 0:
+            options["calibration_stamp_size"] = size + 2 * (size // 4)
+        require(options["calibration_stamp_size"] >= size and (options["calibration_stamp_size"] - size) % 2 == 0,
+                f"{prefix}.calibration_stamp_size", f"must be 0 (automatic) or at least stamp_size "
+                f"({size}) and differ from it by an even number, got {wide}")
         if options["reference"] != "none":
             require(is_available(options["reference"]), f"{prefix}.reference", f"{INSTALL_HINT}; or use metacal, hsm")
         levels = options["test_noise_levels"]
@@ -395,20 +407,27 @@ class ShearObjective(Objective):
             self.baselines += [dataclasses.replace(b, conditions={"population": name}) for b in baselines]
 
     def _load_metacal_sets(self) -> None:
-        """Metacal's images of the test set and of every test population, at +g and at -g
+        """Metacal's images of the test set and of every test population, at +g and at -g, made
+        from the same galaxies on ``calibration_stamp_size`` stamps and cropped to the network's
         (computed once per set, cached), for the response calibration of every trial."""
-        sets = {TRAINING_POPULATION: (self.split_arrays("test"), self.split_psf("test"),
-                                      self.split_noise_sigma("test"), self.simulation.pixel_scale,
-                                      self.dataset_key)}
-        for name, population in self.populations.items():
-            sets[name] = (population.arrays, population.psf(),
-                          population.arrays.get("noise_sigma", population.simulation.noise_sigma),
-                          population.simulation.pixel_scale, population.key)
-        for name, (arrays, psf, sigma, pixel_scale, key) in sets.items():
+        wide_size = self.options["calibration_stamp_size"]
+        sets = {TRAINING_POPULATION: (self.split_arrays("test"), self.simulation, self.dataset_key)}
+        sets.update({name: (population.arrays, population.simulation, population.key)
+                     for name, population in self.populations.items()})
+        for name, (arrays, simulation, key) in sets.items():
+            seed = int(hashlib.sha256(f"{key}-wide".encode()).hexdigest()[:15], 16)
+            wide = functools.cache(functools.partial(wide_stamps, simulation, arrays, wide_size, seed))
+
+            def stamps(images: str, wide: Any = wide, arrays: dict[str, np.ndarray] = arrays,
+                       simulation: GalaxySimulation = simulation) -> tuple[Any, Any, Any]:
+                return (wide()[images], wide()["psf_images"],
+                        arrays.get("noise_sigma", simulation.noise_sigma))
+
             self.metacal_sets[name] = tuple(  # type: ignore[assignment]
-                cached_metacal_images(arrays[images], psf, pixel_scale, sigma, cache_dir=self.cache_dir,
-                                      dataset_key=f"{key}-test.{images}", step=METACAL_STEP,
-                                      seed=self.seed, progress=self.progress)
+                cached_metacal_images(functools.partial(stamps, images), simulation.pixel_scale,
+                                      cache_dir=self.cache_dir, crop=simulation.stamp_size,
+                                      dataset_key=f"{key}-test.{images}-wide{wide_size}",
+                                      step=METACAL_STEP, seed=self.seed, progress=self.progress)
                 for images in ("images", "images_minus"))
 
     def _reference_baselines(

@@ -128,6 +128,8 @@ def predict(
     if len(names) != len(inputs):
         raise ValueError(f"{len(names)} names for {len(inputs)} inputs")
     stamp_spec = spec if psf is None else {**spec, "in_channels": 1}  # stamps: one channel
+    if plan.calibrate:  # wider stamps are welcome: metacal runs on them, then they are cropped
+        stamp_spec = {key: value for key, value in stamp_spec.items() if key != "image_size"}
     try:
         sources = [read_source(Path(path), stamp_spec, hdu, name)
                    for path, name in zip(inputs, names)]
@@ -144,12 +146,15 @@ def predict(
     psf_images = None if psf is None else read_psf(Path(psf), files)
     metacal_set = None
     if plan.calibrate:  # before the network is loaded: metacal's processes fork from this one
-        metacal_set = metacal_images_of(files, psf_images, plan, quiet)
-    if psf_images is not None:
-        with_psf_channel(files, psf_images, plan.channels)
-    for file in files:
-        for line in check_input(spec, file.images):
-            (warn or print_warning)(f"{file.name}: {line}")
+        metacal_set = metacal_images_of(files, psf_images, plan, quiet, spec.get("image_size"))
+        inputs_seen = [("metacal's unsheared images", network_inputs(metacal_set, plan.channels))]
+    else:
+        if psf_images is not None:
+            with_psf_channel(files, psf_images, plan.channels)
+        inputs_seen = [(file.name, file.images) for file in files]
+    for name, images in inputs_seen:
+        for line in check_input(spec, images):
+            (warn or print_warning)(f"{name}: {line}")
     model = load(exported, map_location=device).to(device)
     if metacal_set is not None:
         values = calibrated_rows(model, metacal_set, plan, batch_size, device, quiet, on_response)
@@ -557,17 +562,39 @@ def with_psf_channel(files: Sequence[ImageFile], psf_images: np.ndarray, channel
 
 
 def metacal_images_of(
-    files: Sequence[ImageFile], psf_images: np.ndarray, plan: PsfPlan, quiet: bool
+    files: Sequence[ImageFile], psf_images: np.ndarray, plan: PsfPlan, quiet: bool,
+    size: int | None,
 ) -> dict[str, np.ndarray]:
-    """Metacal's images of every stamp of ``files``, in order (see ``calibration``)."""
+    """Metacal's images of every stamp of ``files``, in order (see ``calibration``), cropped to
+    the network's ``size`` (stamps larger than the network's input keep a sheared stamp's edge
+    away from what the network reads)."""
     from lensnas.objectives.shear.calibration import metacal_images
 
+    for file in files:
+        height, width = file.images.shape[2:]
+        if height != width:
+            raise DataError(file.name, f"stamps of {height}x{width} pixels; --calibrate metacal "
+                                       "needs square stamps")
+        if size is not None and (height < size or (height - size) % 2):
+            raise DataError(file.name, f"stamps of {height}x{width} pixels; the network takes "
+                                       f"{size}x{size}: with --calibrate metacal give stamps of "
+                                       f"{size}x{size} or larger by an even number of pixels "
+                                       "(cropped to the centre after metacal; about 1.5x is "
+                                       "enough)")
     stamps = np.concatenate([file.images[:, 0] for file in files])
-    if stamps.shape[1] != stamps.shape[2]:
-        raise DataError(files[0].name, f"stamps of {stamps.shape[1]}x{stamps.shape[2]} "
-                                       "pixels; --calibrate metacal needs square stamps")
     return metacal_images(stamps, psf_images, plan.pixel_scale, plan.noise_sigma,
-                          step=plan.step, progress=not quiet)
+                          step=plan.step, progress=not quiet,
+                          crop=None if size is None else int(size))
+
+
+def network_inputs(metacal_set: dict[str, np.ndarray], channels: int) -> np.ndarray:
+    """The network's inputs for metacal's unsheared images (N, channels, H, W): the images and,
+    for a network of 2 channels, their PSF (the reconvolution PSF)."""
+    images = np.asarray(metacal_set["noshear"])[:, None]
+    if channels == 2:
+        psf = np.broadcast_to(metacal_set["psf_target"], images[:, 0].shape)[:, None]
+        images = np.concatenate([images, psf], axis=1)
+    return images
 
 
 def calibrated_rows(
