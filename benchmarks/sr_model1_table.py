@@ -37,6 +37,7 @@ from lensnas.objectives.sr.metrics import psnr_per_image, ssim_per_image, ssim_p
 from lensnas.objectives.training import predict
 from lensnas.search.results.export import export_trial
 from lensnas.search.spec import load_spec
+from lensnas.spaces.loading import read_architecture
 
 PUBLISHED = {"bilinear": (24.78, 0.303), "RCAN": (30.50, 0.570)}  # PSNR dB, SSIM (published convention)
 LENS_KEYS = ("lens_theta_e_bias", "lens_theta_e_scatter", "lens_ellipticity_scatter", "lens_shear_scatter")
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             exported = export_trial(study, trial, args.storage, Path(folder) / f"trial-{trial.number}")
             model = spaces.load(exported)
             prediction = predict(model, data["test_lr"], 16, "cpu")
-            label = f"trial {trial.number} ({trial.params.get('backbone', '?')})"
+            backbone = read_architecture(exported)["config"].get("backbone", "?")
+            label = f"trial {trial.number} ({backbone})"
             rows[label] = {**image_scores(truth, prediction),
                            "consistency_chi": float(trial.user_attrs.get("consistency_chi", math.nan)),
                            **{key: float(trial.user_attrs[key]) for key in LENS_KEYS
@@ -114,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         if key in baselines:
             rows.setdefault(label, {}).update(baselines[key])
     bilinear, ceiling = rows["bilinear"], rows["noiseless HR (ceiling)"]
-    console = Console(width=200)
+    console = Console(width=240)
     table = Table(title=f"{spec.name}: {len(truth)} test pairs; gains over bilinear")
-    for column in ("", "PSNR dB", "gain dB", "of ceiling", "SSIM", "gain", "SSIM published",
+    table.add_column("", no_wrap=True)
+    for column in ("PSNR dB", "gain dB", "of ceiling", "SSIM", "gain", "SSIM published",
                    "gain", "consistency_chi", *LENS_KEYS):
         table.add_column(column, justify="right")
     for name, (psnr_value, ssim_value) in PUBLISHED.items():
