@@ -19,7 +19,7 @@ from lensnas.objectives.shear.data import (
     simulate_split,
     simulation_config,
 )
-from lensnas.objectives.shear.metrics import paired_bias, psf_leakage, worst_bias
+from lensnas.objectives.shear.metrics import paired_bias, psf_leakage, shear_metrics, worst_bias
 from lensnas.objectives.shear.objective import (
     POPULATIONS,
     TRAINING_POPULATION,
@@ -114,9 +114,17 @@ def test_new_keys_leave_earlier_dataset_keys_unchanged() -> None:
 
 
 def test_fixed_shear_population_puts_half_along_each_component() -> None:
-    arrays = split(dataclasses.replace(BASE, shear_fixed=0.02), count=6)
-    np.testing.assert_array_equal(arrays["shear"][::2], [[0.02, 0.0]] * 3)
-    np.testing.assert_array_equal(arrays["shear"][1::2], [[0.0, 0.02]] * 3)
+    """By turns of two galaxies, so that shape-noise pairs (which share their shear) too put
+    half along each component."""
+    along_g1, along_g2 = [0.02, 0.0], [0.0, 0.02]
+    arrays = split(dataclasses.replace(BASE, shear_fixed=0.02), count=8)
+    np.testing.assert_array_equal(arrays["shear"], [along_g1, along_g1, along_g2, along_g2] * 2)
+    paired = split(dataclasses.replace(BASE, shear_fixed=0.02, intrinsic_ellipticity_sigma=0.2,
+                                       shape_noise_pairs=True), count=8)
+    np.testing.assert_array_equal(paired["shear"], [along_g1, along_g1, along_g2, along_g2] * 2)
+    along_one = np.tile([0.02, 0.0], (8, 1))  # one value per component: no line to fit, no error
+    bias = shear_metrics(along_one, along_one, -along_one, shear=along_one)
+    assert np.isnan(bias["linear_m1"]) and bias["m1"] == pytest.approx(0.0)
 
 
 def test_metrics_of_a_known_estimator() -> None:

@@ -187,9 +187,9 @@ def draw_population(
         "intrinsic_g": shape,
         "shear": np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1),
     }
-    if simulation.shear_fixed:
+    if simulation.shear_fixed:  # along g1 and g2 by turns of two: a shape-noise pair shares one
         fixed = np.zeros((count, 2))
-        fixed[np.arange(count), np.arange(count) % 2] = simulation.shear_fixed
+        fixed[np.arange(count), (np.arange(count) // 2) % 2] = simulation.shear_fixed
         population["shear"] = fixed
     varied = simulation.varied()
     if varied or simulation.centroid_offset_pixels:

@@ -48,6 +48,8 @@ def rmse(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
 
 
 def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    if len(x) < 3 or not np.ptp(x) > 0:  # one shear value: no line (a constant-shear population)
+        return (float("nan"),) * 4
     design = np.stack([x, np.ones_like(x)], axis=1)
     coefficients, *_ = np.linalg.lstsq(design, y, rcond=None)
     residual = y - design @ coefficients
@@ -70,7 +72,8 @@ def linear_bias(estimate: np.ndarray, truth: np.ndarray) -> Bias:
 def _paired_estimates(plus: np.ndarray, minus: np.ndarray, truth: np.ndarray) -> np.ndarray:
     half_difference = (plus - minus) / 2
     half_sum = (plus + minus) / 2
-    m = np.sum(half_difference * truth, axis=0) / np.sum(truth * truth, axis=0) - 1
+    with np.errstate(invalid="ignore", divide="ignore"):  # no shear along a component: m NaN
+        m = np.sum(half_difference * truth, axis=0) / np.sum(truth * truth, axis=0) - 1
     c = np.mean(half_sum, axis=0)
     return np.concatenate([m, c])
 

@@ -389,7 +389,9 @@ class ShearObjective(Objective):
         for name, changes in self.options["test_populations"].items():
             simulation = dataclasses.replace(self.simulation, **changes)
             config = {"simulation": simulation_config(simulation), "count": self.counts["test"],
-                      "seed": self.seed, "split": "test", "version": 1}
+                      "seed": self.seed, "split": "test",
+                      # 2: fixed shears alternate between g1 and g2 by pairs of galaxies
+                      "version": 2 if simulation.shear_fixed else 1}
 
             def build(simulation: GalaxySimulation = simulation, name: str = name
                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
