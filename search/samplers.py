@@ -63,7 +63,9 @@ def grid_space(spec: StudySpec) -> dict[str, list]:
 # last step of the first COMPLETE trial, + 1), reduction_factor=3, bootstrap_count=0).
 # lensnas changes the median pruner's start-up to 3 trials and its warm-up to 1 epoch (studies
 # here are often 10-30 trials: with 5 start-up trials half of a 10-trial study is never pruned);
-# Hyperband keeps Optuna's. A step is an epoch; pruners see the per-epoch validation score.
+# Hyperband's max_resource is the study's training.epochs where that is one number (Optuna's
+# "auto" counts steps from 0 and lensnas's epochs from 1: it would be epochs + 1, a bracket off).
+# A step is an epoch; pruners see the per-epoch validation score.
 MEDIAN_DEFAULTS = {"n_startup_trials": 3, "n_warmup_steps": 1}
 HYPERBAND_DEFAULTS = {"min_resource": 1}
 
@@ -73,5 +75,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner(**{**MEDIAN_DEFAULTS, **spec.pruner_options})
     if spec.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(**{**HYPERBAND_DEFAULTS, **spec.pruner_options})
+        epochs = spec.training.get("epochs")
+        defaults = {**HYPERBAND_DEFAULTS, **({"max_resource": epochs} if isinstance(epochs, int) else {})}
+        return optuna.pruners.HyperbandPruner(**{**defaults, **spec.pruner_options})
     return optuna.pruners.NopPruner()

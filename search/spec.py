@@ -341,7 +341,7 @@ def _check_tpe(options: dict[str, Any]) -> None:
 
 def _check_hyperband(options: dict[str, Any], epochs: Any) -> None:
     """Hyperband's resources (epochs) must be reachable: min <= max <= training.epochs."""
-    max_resource = options.get("max_resource", "auto")
+    max_resource = options.get("max_resource", epochs if isinstance(epochs, int) else "auto")
     min_resource = options.get("min_resource", 1)
     if isinstance(epochs, int) and min_resource > epochs:
         raise SpaceError("study.pruner_options.min_resource", f"{min_resource} epochs is more than training.epochs ({epochs}): no trial would be pruned; allowed: 1..{epochs}")

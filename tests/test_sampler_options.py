@@ -39,7 +39,8 @@ def test_defaults_are_kept(tmp_path):
     median = make_pruner(load_spec(_study_file(tmp_path, "", pruner="median")))
     assert (median._n_startup_trials, median._n_warmup_steps, median._interval_steps) == (3, 1, 1)
     hyperband = make_pruner(load_spec(_study_file(tmp_path, "", pruner="hyperband")))
-    assert (hyperband._min_resource, hyperband._max_resource, hyperband._reduction_factor) == (1, "auto", 3)
+    # max_resource: training.epochs (2 here), not Optuna's "auto" (epochs + 1: steps from 0)
+    assert (hyperband._min_resource, hyperband._max_resource, hyperband._reduction_factor) == (1, 2, 3)
 
 
 @pytest.mark.parametrize(("sampler", "options", "read"), [
@@ -100,7 +101,7 @@ def test_pruner_options_reach_the_pruner(tmp_path, pruner, options, expected):
      "study.pruner_options.min_resource: 3 epochs is more than training.epochs (2)"),
     ("pruner_options = { min_resource = 2, max_resource = 1 }",
      "study.pruner_options.max_resource: must be at least min_resource (2), got 1"),
-    ("pruner_options = { bootstrap_count = 1 }",
+    ("pruner_options = { max_resource = \"auto\", bootstrap_count = 1 }",
      "study.pruner_options.bootstrap_count: needs an integer max_resource"),
     ("pruner_options = { n_warmup_steps = 1 }",
      ("study.pruner_options.n_warmup_steps: not an option of the pruner \"hyperband\"; allowed: "
