@@ -260,8 +260,8 @@ def refusal(case: str, folder: Path, psf_export: Path, plain_export: Path) -> tu
         np.save(stamps, np.zeros((3, 30, 30)))
         np.save(psf, np.ones((30, 30)))
         return ([plain_export, stamps, "--psf", psf, *calibrate],
-                f"{stamps}: stamps of 30x30 pixels; the network takes 25x25: with --calibrate "
-                "metacal give stamps of 25x25 or larger by an even number of pixels")
+                (f"{stamps}: stamps of 30x30 pixels; the network takes 25x25: with --calibrate "
+                 "metacal give stamps of 25x25 or larger by an even number of pixels"))
     if case == "negative --noise-sigma":
         return ([psf_export, stamps, "--psf", psf, *calibrate, "--noise-sigma", "-1"],
                 "--noise-sigma: must be a number >= 0")

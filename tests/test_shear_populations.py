@@ -229,8 +229,8 @@ def test_calibrated_metrics_match_each_pair_to_its_metacal_response(trained) -> 
         ("noise_sigma = [0.0, 1e-4]", "",
          "objective.noise_sigma: a range is drawn log-uniformly: low must be > 0"),
         ('calibration = "metacal"\ncalibration_stamp_size = 30', "",
-         "objective.calibration_stamp_size: must be 0 (automatic) or at least stamp_size (25) "
-         "and differ from it by an even number, got 30"),
+         ("objective.calibration_stamp_size: must be 0 (automatic) or at least stamp_size (25) "
+          "and differ from it by an even number, got 30")),
         ("psf_g1 = [-0.02, 0.02]", '[training]\naugment = "d4"',
          "training.augment: 'd4' needs a D4-symmetric PSF"),
     ],
