@@ -23,7 +23,9 @@ from lensnas.objectives.shear.data import GalaxySimulation, simulate_split
 from lensnas.search import launch
 from lensnas.search.cli import main
 from lensnas.search.results.export import export_study
+from lensnas.search.results.predict import predict
 from lensnas.search.results.serve import find_networks
+from lensnas.spaces.errors import OptionError
 from tests.conftest import write_tiny_shear_study
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -52,6 +54,36 @@ def psf_export(tmp_path_factory) -> Path:
     exported = tiny_export(tmp_path_factory.mktemp("psf2"), psf_channel=True)
     assert json.loads((exported / "architecture.json").read_text())["in_channels"] == 2
     return exported
+
+
+def test_export_names_its_calibration_target_psf(psf_export, tmp_path):
+    """The study's calibration_psf (default "gauss": round) is stored in the export and used by
+    --calibrate metacal; "dilate" there gives other rows; an unknown target is one line."""
+    stored = json.loads((psf_export / "architecture.json").read_text())
+    assert stored["input"]["calibration_psf"] == "gauss"
+    stamps, psf = galaxies(4), SIMULATION.psf_image()
+    np.save(tmp_path / "stamps.npy", stamps)
+    np.save(tmp_path / "psf.npy", psf)
+    rows = {}
+    for target in ("gauss", "dilate"):
+        export = tmp_path / target
+        shutil.copytree(psf_export, export)
+        stored["input"]["calibration_psf"] = target
+        (export / "architecture.json").write_text(json.dumps(stored))
+        assert run(export, tmp_path / "stamps.npy", "--psf", tmp_path / "psf.npy", "--calibrate",
+                   "metacal", "-o", tmp_path / f"{target}.csv") == 0
+        rows[target] = numbers(read_rows(tmp_path / f"{target}.csv")[1], "g1_raw", "g2_raw")
+        images = metacal_images(stamps, psf, SIMULATION.pixel_scale, SIMULATION.noise_sigma,
+                                workers=1, psf=target)
+        expected = network(export, np.stack(
+            [images["noshear"], np.broadcast_to(images["psf_target"], stamps.shape)], axis=1))
+        np.testing.assert_allclose(rows[target], expected, atol=1e-6)
+    assert not np.allclose(rows["gauss"], rows["dilate"], atol=1e-6)
+    stored["input"]["calibration_psf"] = "square"
+    (tmp_path / "dilate" / "architecture.json").write_text(json.dumps(stored))
+    with pytest.raises(OptionError, match="calibration_psf is 'square'; allowed: dilate, fitgauss, gauss"):
+        predict(tmp_path / "dilate", [tmp_path / "stamps.npy"], tmp_path / "x.csv",
+                psf=tmp_path / "psf.npy", calibrate="metacal", quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +173,7 @@ def test_calibration_applies_the_network_to_metacal_images_with_their_psf(
 
     # the same in Python: the network on metacal's five images, PSF channel = the target PSF
     images = metacal_images(stamps, psf, SIMULATION.pixel_scale, SIMULATION.noise_sigma,
-                            workers=1)
+                            workers=1, psf="gauss")
     target = images["psf_target"]
     out = {key: network(psf_export, np.stack(
         [images[key], np.broadcast_to(target, stamps.shape)], axis=1)) for key in KEYS}
@@ -170,7 +202,7 @@ def test_a_network_without_psf_channel_is_calibrated_with_per_stamp_psfs(
     assert columns == CALIBRATED and len(rows) == 5
     check_calibrated_rows(rows)
     images = metacal_images(stamps, psfs[0], SIMULATION.pixel_scale, SIMULATION.noise_sigma,
-                            workers=1)
+                            workers=1, psf="gauss")
     np.testing.assert_allclose(numbers(rows, "g1_raw", "g2_raw"),
                                network(plain_export, images["noshear"][:, None]), atol=1e-6)
 
@@ -187,7 +219,7 @@ def test_calibration_takes_wider_stamps_and_crops_after_metacal(psf_export, tmp_
                "--calibrate", "metacal", "-o", tmp_path / "g.csv") == 0
     _, rows = read_rows(tmp_path / "g.csv")
     images = metacal_images(stamps, psf, SIMULATION.pixel_scale, SIMULATION.noise_sigma,
-                            workers=1, crop=25)
+                            workers=1, crop=25, psf="gauss")
     inputs = np.stack([images["noshear"], np.broadcast_to(images["psf_target"], (4, 25, 25))], axis=1)
     np.testing.assert_allclose(numbers(rows, "g1_raw", "g2_raw"), network(psf_export, inputs),
                                atol=1e-6)

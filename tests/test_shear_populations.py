@@ -19,7 +19,13 @@ from lensnas.objectives.shear.data import (
     simulate_split,
     simulation_config,
 )
-from lensnas.objectives.shear.metrics import paired_bias, psf_leakage, shear_metrics, worst_bias
+from lensnas.objectives.shear.metrics import (
+    jackknife_blocks,
+    paired_bias,
+    psf_leakage,
+    shear_metrics,
+    worst_bias,
+)
 from lensnas.objectives.shear.objective import (
     POPULATIONS,
     TRAINING_POPULATION,
@@ -114,14 +120,14 @@ def test_new_keys_leave_earlier_dataset_keys_unchanged() -> None:
 
 
 def test_fixed_shear_population_puts_half_along_each_component() -> None:
-    """By turns of two galaxies, so that shape-noise pairs (which share their shear) too put
-    half along each component."""
+    """By turns of two galaxies, and of four in shape-noise rings (which share their shear), so
+    that rings too put half along each component."""
     along_g1, along_g2 = [0.02, 0.0], [0.0, 0.02]
     arrays = split(dataclasses.replace(BASE, shear_fixed=0.02), count=8)
     np.testing.assert_array_equal(arrays["shear"], [along_g1, along_g1, along_g2, along_g2] * 2)
-    paired = split(dataclasses.replace(BASE, shear_fixed=0.02, intrinsic_ellipticity_sigma=0.2,
+    ringed = split(dataclasses.replace(BASE, shear_fixed=0.02, intrinsic_ellipticity_sigma=0.2,
                                        shape_noise_pairs=True), count=8)
-    np.testing.assert_array_equal(paired["shear"], [along_g1, along_g1, along_g2, along_g2] * 2)
+    np.testing.assert_array_equal(ringed["shear"], [along_g1] * 4 + [along_g2] * 4)
     along_one = np.tile([0.02, 0.0], (8, 1))  # one value per component: no line to fit, no error
     bias = shear_metrics(along_one, along_one, -along_one, shear=along_one)
     assert np.isnan(bias["linear_m1"]) and bias["m1"] == pytest.approx(0.0)
@@ -289,21 +295,37 @@ def test_a_population_with_its_own_psf_gives_the_network_that_psf(tmp_path) -> N
     assert not np.allclose(population.psf(), objective.data["psf_image"])
 
 
-def test_shape_noise_pairs_cancel_shape_noise_in_m() -> None:
-    """An estimator returning each galaxy's label exactly: with intrinsic shapes, m's error is
-    shape noise; with the 45-degree pairs it drops by orders of magnitude."""
-    shaped = dataclasses.replace(BASE, intrinsic_ellipticity_sigma=0.26, noise_sigma=0.0)
-    errors = {}
-    for pairs in (False, True):
-        arrays = simulate_split(dataclasses.replace(shaped, shape_noise_pairs=pairs),
-                                np.random.SeedSequence(8), 200, paired=True)
-        plus = sheared_ellipticity(arrays["intrinsic_g"], arrays["shear"])
-        minus = sheared_ellipticity(arrays["intrinsic_g"], -arrays["shear"])
-        bias = paired_bias(plus, minus, arrays["shear"])
-        errors[pairs] = max(bias.m_err)
-        if pairs:
-            np.testing.assert_array_equal(arrays["shear"][1::2], arrays["shear"][::2])
-            np.testing.assert_allclose(arrays["intrinsic_g"][1::2],
-                                       arrays["intrinsic_g"][::2] @ np.array([[0, 1], [-1, 0]]))
-            assert max(abs(m) for m in bias.m) < 5e-4
-    assert errors[True] < errors[False] / 30
+def test_shape_noise_rings_cancel_shape_noise_in_m_and_c() -> None:
+    """An estimator returning each galaxy's label exactly (plus a known additive bias): with
+    intrinsic shapes, the errors of m and c are shape noise; in rings of four galaxies turned by
+    45 degrees they drop by orders of magnitude, and c is recovered."""
+    shaped = dataclasses.replace(BASE, intrinsic_ellipticity_sigma=0.26, noise_sigma=0.0,
+                                 shear_fixed=0.02)
+    additive = np.array([3e-4, -2e-4])
+    biases = {}
+    for rings in (False, True):
+        arrays = simulate_split(dataclasses.replace(shaped, shape_noise_pairs=rings),
+                                np.random.SeedSequence(8), 202, paired=True)
+        plus = sheared_ellipticity(arrays["intrinsic_g"], arrays["shear"]) + additive
+        minus = sheared_ellipticity(arrays["intrinsic_g"], -arrays["shear"]) + additive
+        biases[rings] = paired_bias(plus, minus, arrays["shear"])
+        if rings:
+            first = arrays["intrinsic_g"][0:200:4]
+            turned = first @ np.array([[0, 1], [-1, 0]])  # 45 degrees: e -> i e
+            for turn, expected in enumerate((first, turned, -first, -turned)):
+                np.testing.assert_allclose(arrays["intrinsic_g"][turn:200:4], expected)
+                np.testing.assert_array_equal(arrays["shear"][turn:200:4], arrays["shear"][0:200:4])
+            np.testing.assert_array_equal(arrays["intrinsic_g"][200] == arrays["intrinsic_g"][201],
+                                          [False, False])  # the incomplete ring is left as drawn
+    cold, ringed = biases[False], biases[True]
+    assert max(ringed.m_err) < max(cold.m_err) / 30 and max(ringed.c_err) < max(cold.c_err) / 30
+    assert max(abs(m) for m in ringed.m) < 5e-4
+    np.testing.assert_allclose(ringed.c, additive, atol=3 * max(ringed.c_err) + 1e-6)
+    assert max(cold.c_err) > 1e-3  # shape noise: 0.26 / sqrt(200) in c without rings
+
+
+def test_jackknife_blocks_hold_whole_rings() -> None:
+    blocks = jackknife_blocks(1000, 100)
+    assert len(blocks) == 100 and sum(len(b) for b in blocks) == 1000
+    assert all(b[0] % 4 == 0 for b in blocks)
+    assert [len(b) for b in jackknife_blocks(5, 100)] == [1] * 5  # too few for rings

@@ -13,8 +13,8 @@ Varied populations: the keys of :data:`RANGE_KEYS` take a number or a ``(low, hi
 ``centroid_offset_pixels`` moves each galaxy off the stamp centre (uniform within ± that many
 pixels along x and y); ``shear_fixed`` puts every galaxy at that |g|, half along g1 and half
 along g2, instead of drawing it; ``shape_noise_pairs`` makes a paired test set of galaxies with
-intrinsic shapes come in pairs turned by 45 degrees (shape-noise cancellation: the errors of m
-drop from shape noise to measurement noise). Each varied key has its own random stream, so two populations
+intrinsic shapes come in rings of four, each turned by 45 degrees from the last (shape-noise
+cancellation: the errors of m and c drop from shape noise to measurement noise). Each varied key has its own random stream, so two populations
 that differ in one key hold the same galaxies otherwise. :meth:`GalaxySimulation.for_galaxy`
 gives one galaxy's own (scalar) simulation; with a varied PSF each galaxy's PSF image is
 stored beside its stamp (``psf_images``).
@@ -41,6 +41,7 @@ from typing import Any
 import galsim
 import numpy as np
 
+from lensnas.objectives.shear.metrics import RING
 from lensnas.objectives.shear.reference import cpu_count
 
 PROFILES = ("exponential", "gaussian", "sersic", "bulge_disk")
@@ -83,7 +84,7 @@ class GalaxySimulation:
     noise_sigma: float | tuple[float, float] = 1e-5
     centroid_offset_pixels: float = 0.0
     shear_fixed: float = 0.0
-    shape_noise_pairs: bool = False  # paired test sets: galaxies 2k+1 are 2k turned by 45 degrees
+    shape_noise_pairs: bool = False  # paired test sets: rings of 4 galaxies turned by 45 degrees
 
     def __post_init__(self) -> None:
         for key in (*RANGE_KEYS, *MIX_KEYS):  # lists (TOML arrays) become tuples: hashable
@@ -94,6 +95,12 @@ class GalaxySimulation:
     def varied(self) -> tuple[str, ...]:
         """The keys drawn per galaxy (ranges and mixes)."""
         return tuple(key for key in (*MIX_KEYS, *RANGE_KEYS) if isinstance(getattr(self, key), tuple))
+
+    @property
+    def shape_noise_rings(self) -> bool:
+        """Whether a paired test set of this simulation comes in rings of four (see
+        :func:`rotated_rings`): shape_noise_pairs, on galaxies with intrinsic shapes."""
+        return bool(self.shape_noise_pairs and self.intrinsic_ellipticity_sigma)
 
     @property
     def psf_varies(self) -> bool:
@@ -187,9 +194,10 @@ def draw_population(
         "intrinsic_g": shape,
         "shear": np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1),
     }
-    if simulation.shear_fixed:  # along g1 and g2 by turns of two: a shape-noise pair shares one
+    if simulation.shear_fixed:  # along g1 and g2 by turns: a shape-noise ring shares one
         fixed = np.zeros((count, 2))
-        fixed[np.arange(count), (np.arange(count) // 2) % 2] = simulation.shear_fixed
+        turn = RING if simulation.shape_noise_rings else 2
+        fixed[np.arange(count), (np.arange(count) // turn) % 2] = simulation.shear_fixed
         population["shear"] = fixed
     varied = simulation.varied()
     if varied or simulation.centroid_offset_pixels:
@@ -227,17 +235,24 @@ def sheared_ellipticity(intrinsic_g: np.ndarray, shear: np.ndarray) -> np.ndarra
     return np.stack([total.real, total.imag], axis=1)
 
 
-def rotated_pairs(population: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Shape-noise cancellation: galaxy 2k+1 becomes galaxy 2k (size, flux, shear, PSF, offset)
-    turned by 45 degrees, which multiplies its intrinsic ellipticity by i; the second-order term
-    of the sheared ellipticity (-conj(g) e^2) then cancels within each pair."""
-    paired = {key: np.array(value) for key, value in population.items()}
-    odd = np.arange(1, len(paired["flux"]), 2)
-    for value in paired.values():
-        value[odd] = value[odd - 1]
-    shape = paired["intrinsic_g"]
-    shape[odd] = np.stack([-shape[odd - 1, 1], shape[odd - 1, 0]], axis=1)
-    return paired
+def rotated_rings(population: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Shape-noise cancellation: galaxies 4k+1, 4k+2, 4k+3 become galaxy 4k (size, flux, shear,
+    PSF, offset) turned by 45, 90 and 135 degrees, which multiplies its intrinsic ellipticity by
+    i, -1 and -i. Within each ring the intrinsic shapes sum to zero (c of a ring is free of
+    shape noise) and so do their squares (the second-order term -conj(g) e^2 of the sheared
+    ellipticity, for m). A last incomplete ring is left as drawn."""
+    ringed = {key: np.array(value) for key, value in population.items()}
+    complete = RING * (len(ringed["flux"]) // RING)
+    first = np.arange(0, complete, RING)
+    for value in ringed.values():
+        for turn in range(1, RING):
+            value[first + turn] = value[first]
+    shape = ringed["intrinsic_g"][first]
+    complex_shape = shape[:, 0] + 1j * shape[:, 1]
+    for turn in range(1, RING):
+        turned = complex_shape * 1j**turn
+        ringed["intrinsic_g"][first + turn] = np.stack([turned.real, turned.imag], axis=1)
+    return ringed
 
 
 def labels_of(simulation: GalaxySimulation, population: dict[str, np.ndarray]) -> np.ndarray:
@@ -352,8 +367,8 @@ def simulate_split(
     """
     population_seed, noise_seed = seed_sequence.spawn(2)
     population = draw_population(simulation, np.random.default_rng(population_seed), count)
-    if paired and simulation.shape_noise_pairs and simulation.intrinsic_ellipticity_sigma:
-        population = rotated_pairs(population)
+    if paired and simulation.shape_noise_rings:
+        population = rotated_rings(population)
     noise = pixel_noise(simulation, population, noise_seed)
     split = {
         "images": render(simulation, population, noise, +1.0, on_progress),
@@ -453,6 +468,8 @@ def simulation_config(simulation: GalaxySimulation) -> dict[str, Any]:
             del config[key]
     if simulation.intrinsic_ellipticity_sigma:
         config["labels"] = "sheared_ellipticity"
+    if simulation.shape_noise_rings:  # rings of four since December 2026 (pairs before)
+        config["shape_noise_ring"] = RING
     return config
 
 

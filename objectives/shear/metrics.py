@@ -78,14 +78,29 @@ def _paired_estimates(plus: np.ndarray, minus: np.ndarray, truth: np.ndarray) ->
     return np.concatenate([m, c])
 
 
+RING = 4  # galaxies in a shape-noise ring (see lensnas.objectives.shear.data.rotated_rings)
+
+
+def jackknife_blocks(count: int, n_blocks: int) -> list[np.ndarray]:
+    """``n_blocks`` contiguous blocks of ``count`` objects (fewer if N is small), cut between
+    shape-noise rings (multiples of :data:`RING`) where there are enough objects: a block
+    that cut a ring would leave half a ring's intrinsic shapes in the estimate."""
+    unit = RING if count >= 2 * RING else 1
+    units = count // unit
+    n_blocks = max(2, min(n_blocks, units))
+    edges = [unit * int(round(units * k / n_blocks)) for k in range(n_blocks)] + [count]
+    return [np.arange(start, stop) for start, stop in zip(edges[:-1], edges[1:])]
+
+
 def _jackknife_bias(estimates: Any, arrays: tuple[np.ndarray, ...], n_blocks: int) -> Bias:
     """``estimates(*arrays) -> [m1, m2, c1, c2]`` on all objects, with delete-one-block
-    jackknife errors over ``n_blocks`` contiguous blocks of objects (fewer if N is small)."""
+    jackknife errors over ``n_blocks`` contiguous blocks of objects (:func:`jackknife_blocks`)."""
     count = len(arrays[0])
     full = estimates(*arrays)
-    n_blocks = max(2, min(n_blocks, count))
+    blocks = jackknife_blocks(count, n_blocks)
+    n_blocks = len(blocks)
     samples = []
-    for block in np.array_split(np.arange(count), n_blocks):
+    for block in blocks:
         keep = np.ones(count, bool)
         keep[block] = False
         samples.append(estimates(*(array[keep] for array in arrays)))
@@ -185,7 +200,7 @@ def psf_leakage(
     plus, minus, psf_g = (np.asarray(a, float) for a in (plus, minus, psf_g))
     half_sum = (plus + minus) / 2
     count = len(psf_g)
-    blocks = np.array_split(np.arange(count), max(2, min(n_blocks, count)))
+    blocks = jackknife_blocks(count, n_blocks)
     out: dict[str, float] = {}
     for i in (0, 1):
         x, y = psf_g[:, i], half_sum[:, i]

@@ -43,6 +43,7 @@ from lensnas.objectives.shear.data import (
     split_seeds,
     wide_stamps,
 )
+from lensnas.objectives.shear.metacal import TARGET_PSFS
 from lensnas.objectives.shear.metrics import (
     Bias,
     psf_leakage,
@@ -200,6 +201,9 @@ class ShearObjective(Objective):
         # metacal's images come from stamps this wide, cropped to stamp_size (0: stamp_size +
         # 2 * (stamp_size // 4), 79 around 53): a sheared stamp's edge must not reach the crop
         "calibration_stamp_size": 0,
+        # metacal's reconvolution PSF: "gauss" (round, NGMix's default) removes the PSF's
+        # anisotropy from the calibrated images, "dilate" keeps it (PSF leakage stays)
+        "calibration_psf": "gauss",
         **SIMULATION_DEFAULTS,
     }
     METRICS: ClassVar[dict[str, Metric]] = {
@@ -290,6 +294,8 @@ class ShearObjective(Objective):
                 f"must be one of {', '.join(REFERENCES)}, got {options['reference']!r}")
         require(options["calibration"] in CALIBRATIONS, f"{prefix}.calibration",
                 f"must be one of {', '.join(CALIBRATIONS)}, got {options['calibration']!r}")
+        require(options["calibration_psf"] in TARGET_PSFS, f"{prefix}.calibration_psf",
+                f"must be one of {', '.join(TARGET_PSFS)}, got {options['calibration_psf']!r}")
         size, wide = options["stamp_size"], options["calibration_stamp_size"]
         if wide == 0:
             options["calibration_stamp_size"] = size + 2 * (size // 4)
@@ -430,7 +436,8 @@ class ShearObjective(Objective):
                 cached_metacal_images(functools.partial(stamps, images), simulation.pixel_scale,
                                       cache_dir=self.cache_dir, crop=simulation.stamp_size,
                                       dataset_key=f"{key}-test.{images}-wide{wide_size}",
-                                      step=METACAL_STEP, seed=self.seed, progress=self.progress)
+                                      step=METACAL_STEP, psf=self.options["calibration_psf"],
+                                      seed=self.seed, progress=self.progress)
                 for images in ("images", "images_minus"))
 
     def _reference_baselines(
@@ -522,6 +529,7 @@ class ShearObjective(Objective):
             "psf": f"{simulation.psf_profile}, FWHM {simulation.psf_fwhm} arcsec",
             "labels": "sheared_ellipticity" if simulation.intrinsic_ellipticity_sigma else "shear",
             "calibration": self.options["calibration"],
+            "calibration_psf": self.options["calibration_psf"],
         }
 
     def training_data(self, config: dict[str, Any]) -> tuple[Any, Any]:

@@ -23,9 +23,10 @@ a network without a PSF is refused.
 
 Response calibration (``calibrate="metacal"``, ``--calibrate metacal``; shear networks that
 return g1, g2; needs the PSF): metacal's images of every stamp (deconvolved by its PSF, sheared
-by ±0.01 along g1 and g2, reconvolved by the dilated PSF:
-:mod:`lensnas.objectives.shear.calibration`) go through the network, with the reconvolution PSF
-as the PSF channel. The CSV then holds per stamp the raw estimate ``g1_raw, g2_raw`` (the
+by ±0.01 along g1 and g2, reconvolved by a round Gaussian a little larger than the PSF or
+the target the export's ``input.calibration_psf`` names; see
+:mod:`lensnas.objectives.shear.calibration`) go through the network, with the reconvolution
+PSF as the PSF channel. The CSV then holds per stamp the raw estimate ``g1_raw, g2_raw`` (the
 network on the unsheared metacal image), its response ``R11, R12, R21, R22``
 (``R_ij = d g_i / d g_j``) and the calibrated shear ``g1, g2 = <R>^-1 (g1_raw, g2_raw)``, by
 the mean response of all the stamps given. The pixel scale is the export's (its stored input
@@ -439,6 +440,7 @@ class PsfPlan:
     pixel_scale: float = 0.0  # arcsec per pixel (calibration only)
     noise_sigma: float = 0.0  # the stamps' pixel noise (calibration only)
     step: float = 0.01  # metacal's shear step
+    target_psf: str = "gauss"  # metacal's reconvolution PSF (the export's input.calibration_psf)
 
 
 def psf_plan(
@@ -502,10 +504,16 @@ def psf_plan(
                 f"{FIX_NOISE_ABOVE:g})")
     elif not (np.isfinite(noise_sigma) and noise_sigma >= 0):
         raise OptionError(f"--noise-sigma: must be a number >= 0, got {noise_sigma!r}")
-    return PsfPlan(channels, True, trained or float(pixel_scale or 0), float(noise_sigma))
+    target = stored.get("calibration_psf", "gauss")
+    if target not in TARGET_PSFS:
+        raise OptionError(f"--calibrate metacal: the export's input.calibration_psf is {target!r}; "
+                          f"allowed: {', '.join(TARGET_PSFS)}")
+    return PsfPlan(channels, True, trained or float(pixel_scale or 0), float(noise_sigma),
+                   target_psf=target)
 
 
 FIX_NOISE_ABOVE = 1e-4  # as lensnas.objectives.shear.metacal (not imported: it loads GalSim)
+TARGET_PSFS = ("dilate", "fitgauss", "gauss")  # likewise
 
 
 def is_number(value: Any) -> bool:
@@ -583,7 +591,7 @@ def metacal_images_of(
                                        "enough)")
     stamps = np.concatenate([file.images[:, 0] for file in files])
     return metacal_images(stamps, psf_images, plan.pixel_scale, plan.noise_sigma,
-                          step=plan.step, progress=not quiet,
+                          step=plan.step, psf=plan.target_psf, progress=not quiet,
                           crop=None if size is None else int(size))
 
 
