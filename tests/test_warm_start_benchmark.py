@@ -1,0 +1,39 @@
+"""benchmarks.warm_start: the trials counted to reach the cold study's best, and one tiny real
+replicate (source, cold, copy and top3 studies in SQLite) whose new trials are told apart from
+the copied ones."""
+
+from __future__ import annotations
+
+import optuna
+
+from benchmarks import search_efficiency as se
+from benchmarks import warm_start as ws
+from lensnas.search.study import WARM_START_FROM
+
+TINY = se.Size(n_train=200, n_validation=100, n_test=100, epochs=2)
+
+
+def test_trials_to_reach_counts_from_one():
+    assert ws.trials_to_reach([5.0, 3.0, 2.0], 3.0) == 2
+    assert ws.trials_to_reach([5.0, 3.0], 1.0) is None
+    row = ws.summarise({"seed": 0, "cold": [4.0, 2.0, 3.0], "copy": [2.5, 1.0], "top3": [3.0, 3.0]})
+    assert row["cold_best"] == 2.0 and row["cold_trials"] == 2
+    assert row["copy_trials"] == 2 and row["copy_best"] == 1.0 and row["top3_trials"] is None
+
+
+def test_one_replicate_counts_only_the_trials_run_here(tmp_path):
+    result = ws.run_seed(tmp_path, "architecture", 0, source_trials=3, trials=3, size=TINY,
+                         cache_dir=tmp_path / "cache")
+    url = f"sqlite:///{tmp_path}/warm-start-seed0.db"
+    source = optuna.load_study(study_name="source-seed0", storage=url)
+    copy = optuna.load_study(study_name="copy-seed0", storage=url)
+    top3 = optuna.load_study(study_name="top3-seed0", storage=url)
+    copied = [t for t in copy.trials if WARM_START_FROM in t.user_attrs]
+    assert [t.value for t in copied] == [t.value for t in source.trials]
+    assert len(copy.trials) == 6 and len(result["copy"]) == 3
+    assert sorted(result["copy"]) == sorted(t.value for t in copy.trials[3:])
+    assert len(result["cold"]) == 3 and len(result["top3"]) == 3
+    best_source = sorted(source.trials, key=lambda t: t.value)
+    # top3 trains the source's best configurations here first, on its own data
+    assert [t.params for t in top3.trials] == [t.params for t in best_source]
+    assert sorted(result["top3"]) == sorted(t.value for t in top3.trials)
