@@ -14,6 +14,7 @@ Convention: an estimator measures ``e_i = (1 + m_i) g_i + c_i`` for component i.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,8 +89,8 @@ def jackknife_blocks(count: int, n_blocks: int) -> list[np.ndarray]:
     unit = RING if count >= 2 * RING else 1
     units = count // unit
     n_blocks = max(2, min(n_blocks, units))
-    edges = [unit * int(round(units * k / n_blocks)) for k in range(n_blocks)] + [count]
-    return [np.arange(start, stop) for start, stop in zip(edges[:-1], edges[1:])]
+    edges = [unit * round(units * k / n_blocks) for k in range(n_blocks)] + [count]
+    return [np.arange(start, stop) for start, stop in itertools.pairwise(edges)]
 
 
 def _jackknife_bias(estimates: Any, arrays: tuple[np.ndarray, ...], n_blocks: int) -> Bias:
