@@ -27,6 +27,7 @@ from lensnas.objectives.shear.metrics import (
     worst_bias,
 )
 from lensnas.objectives.shear.objective import (
+    PAIRS,
     POPULATIONS,
     TRAINING_POPULATION,
     ShearObjective,
@@ -227,6 +228,8 @@ def test_calibrated_metrics_match_each_pair_to_its_metacal_response(trained) -> 
          "objective.test_populations.wide.stamp_size: unknown key"),
         ("", "[objective.test_populations.noisy]\nnoise_sigma = [1e-3, 1e-5]",
          "objective.test_populations.noisy.noise_sigma: impossible range: low 0.001 > high 1e-05"),
+        ("", "[objective.test_populations.noisy]\nnoise_sigma = 1e-4\npairs = 4",
+         "objective.test_populations.noisy.pairs: must be a whole number of +g/-g pairs from 8 to"),
         ("", "[objective.test_populations.training]\npsf_fwhm = 1.0",
          "objective.test_populations.training: 'training' names the study's own test set"),
         ("psf_fwhm = [1.0]", "", "objective.psf_fwhm: must be a number or a range [low, high], got [1.0]"),
@@ -293,6 +296,22 @@ def test_a_population_with_its_own_psf_gives_the_network_that_psf(tmp_path) -> N
     population = objective.populations["wide"]
     np.testing.assert_allclose(population.psf(), dataclasses.replace(BASE, stamp_size=25, psf_fwhm=1.2).psf_image())
     assert not np.allclose(population.psf(), objective.data["psf_image"])
+
+
+def test_a_population_may_have_more_pairs_than_the_test_set(tmp_path) -> None:
+    """pairs = 10: that population has 10 +g/-g pairs, the others n_test; its reference row
+    is measured on them."""
+    options = {"n_train": 8, "n_validation": 4, "n_test": 6, "stamp_size": 25, "pixel_scale": 0.2,
+               "reference": "hsm",
+               "test_populations": {"noisy": {"noise_sigma": 1e-4, PAIRS: 10},
+                                    "plain": {"noise_sigma": 1e-5}}}
+    objective = ShearObjective(options, {}, seed=1, cache_dir=tmp_path, progress=False)
+    objective.prepare()
+    noisy, plain = objective.populations["noisy"], objective.populations["plain"]
+    assert len(noisy.arrays["images"]) == len(noisy.arrays["images_minus"]) == 10
+    assert len(plain.arrays["images"]) == 6 and noisy.simulation.noise_sigma == 1e-4
+    rows = [b for b in objective.baselines if b.conditions.get("population") == "noisy"]
+    assert rows and all("m1" in b.metrics for b in rows if b.key == "reference")
 
 
 def test_shape_noise_rings_cancel_shape_noise_in_m_and_c() -> None:

@@ -64,6 +64,8 @@ logger = logging.getLogger("lensnas.shear")
 SIMULATION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GalaxySimulation)}
 # What a test population may change: any simulation key but the stamp size (the network's input).
 POPULATION_KEYS = tuple(key for key in SIMULATION_DEFAULTS if key != "stamp_size")
+PAIRS = "pairs"  # a population's own count of +g/-g pairs (default: n_test), e.g. for noisy ones
+MAX_PAIRS = 1_000_000
 POPULATIONS = "populations"  # trial attribute: {population name: its metrics}
 TRAINING_POPULATION = "training"  # the name of the study's own test set among the populations
 POPULATION_METRICS = ("rmse", "m1", "m1_err", "m2", "m2_err", "c1", "c1_err", "c2", "c2_err",
@@ -393,17 +395,17 @@ class ShearObjective(Objective):
         from rich.progress import Progress
 
         for name, changes in self.options["test_populations"].items():
-            simulation = dataclasses.replace(self.simulation, **changes)
-            config = {"simulation": simulation_config(simulation), "count": self.counts["test"],
+            simulation, count = population_setup(self.simulation, changes, self.counts["test"])
+            config = {"simulation": simulation_config(simulation), "count": count,
                       "seed": self.seed, "split": "test",
                       # 2: fixed shears alternate between g1 and g2 by pairs of galaxies
                       "version": 2 if simulation.shear_fixed else 1}
 
-            def build(simulation: GalaxySimulation = simulation, name: str = name
+            def build(simulation: GalaxySimulation = simulation, name: str = name, count: int = count
                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
                 with Progress(disable=not self.progress, transient=True) as bar:
-                    task = bar.add_task(f"test population {name}", total=2 * self.counts["test"])
-                    arrays = simulate_split(simulation, split_seeds(self.seed)["test"], self.counts["test"],
+                    task = bar.add_task(f"test population {name}", total=2 * count)
+                    arrays = simulate_split(simulation, split_seeds(self.seed)["test"], count,
                                             paired=True, on_progress=lambda n: bar.advance(task, n))
                 return arrays, {}
 
@@ -673,8 +675,9 @@ class ShearObjective(Objective):
         rows = baseline_rows(self.simulation, self.counts["test"], self.seed, noise_levels,
                              self.cache_dir, self.progress)
         for name, changes in self.options["test_populations"].items():
-            rows += baseline_rows(dataclasses.replace(self.simulation, **changes), self.counts["test"],
-                                  self.seed, None, self.cache_dir, self.progress, {"population": name})
+            simulation, count = population_setup(self.simulation, changes, self.counts["test"])
+            rows += baseline_rows(simulation, count, self.seed, None, self.cache_dir, self.progress,
+                                  {"population": name})
         return rows
 
     def baseline_notes(self) -> list[str]:
@@ -759,12 +762,26 @@ def _check_populations(options: dict[str, Any], prefix: str) -> dict[str, dict[s
         require(isinstance(overrides, dict), where,
                 f"must be a table of simulation keys to change, got {overrides!r}")
         for key in overrides:
-            require(key in POPULATION_KEYS, f"{where}.{key}",
-                    f"unknown key{closest(key, POPULATION_KEYS)}; a population may change: "
-                    f"{', '.join(POPULATION_KEYS)}")
-        merged = _check_simulation({**base, **overrides}, where)
-        checked[name] = {key: merged[key] for key in overrides}
+            require(key in (*POPULATION_KEYS, PAIRS), f"{where}.{key}",
+                    f"unknown key{closest(key, (*POPULATION_KEYS, PAIRS))}; a population may "
+                    f"change: {', '.join(POPULATION_KEYS)}, or set its {PAIRS}")
+        changes = {key: value for key, value in overrides.items() if key != PAIRS}
+        merged = _check_simulation({**base, **changes}, where)
+        checked[name] = {key: merged[key] for key in changes}
+        if PAIRS in overrides:
+            pairs = overrides[PAIRS]
+            require(isinstance(pairs, int) and not isinstance(pairs, bool)
+                    and 8 <= pairs <= MAX_PAIRS, f"{where}.{PAIRS}",
+                    f"must be a whole number of +g/-g pairs from 8 to {MAX_PAIRS}, got {pairs!r}")
+            checked[name][PAIRS] = pairs
     return checked
+
+
+def population_setup(simulation: GalaxySimulation, changes: dict[str, Any], n_test: int
+                     ) -> tuple[GalaxySimulation, int]:
+    """A test population's simulation (``simulation`` with ``changes``) and its pairs."""
+    keys = {key: value for key, value in changes.items() if key != PAIRS}
+    return dataclasses.replace(simulation, **keys), int(changes.get(PAIRS, n_test))
 
 
 def _relative_metrics(metrics: dict[str, float], references: list[Baseline]) -> dict[str, float]:
