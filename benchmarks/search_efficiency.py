@@ -170,26 +170,34 @@ class Strategy:
     sampler: str
     pruner: str = "none"
     in_flight: int = 1
+    startup: int | None = None  # the sampler's n_startup_trials (None: lensnas's default)
 
     @property
     def name(self) -> str:
-        """As written on the command line: sampler[+pruner][@in_flight]."""
-        text = self.sampler if self.pruner == "none" else f"{self.sampler}+{self.pruner}"
+        """As written on the command line: sampler[:startup][+pruner][@in_flight]."""
+        text = self.sampler if self.startup is None else f"{self.sampler}:{self.startup}"
+        text = text if self.pruner == "none" else f"{text}+{self.pruner}"
         return text if self.in_flight == 1 else f"{text}@{self.in_flight}"
 
     @property
     def label(self) -> str:
         """As the tables show it."""
-        text = self.sampler if self.pruner == "none" else f"{self.sampler}+{self.pruner}"
+        text = self.sampler if self.startup is None else f"{self.sampler} ({self.startup} start-up)"
+        text = text if self.pruner == "none" else f"{text}+{self.pruner}"
         return text if self.in_flight == 1 else f"{text}, {self.in_flight} in flight"
 
 
 def parse_strategy(text: str) -> Strategy:
-    """A strategy from ``sampler[+pruner][@in_flight]``; ValueError says what is allowed."""
-    match = re.fullmatch(r"([a-z]+)(?:\+([a-z]+))?(?:@(\d+))?", text.strip())
+    """A strategy from ``sampler[:startup][+pruner][@in_flight]`` (``startup``: the TPE or GP
+    sampler's n_startup_trials); ValueError says what is allowed."""
+    match = re.fullmatch(r"([a-z]+)(?::(\d+))?(?:\+([a-z]+))?(?:@(\d+))?", text.strip())
     if match is None:
-        raise ValueError(f"strategy {text!r}: write sampler[+pruner][@{IN_FLIGHT}], e.g. tpe+hyperband@{IN_FLIGHT}")
-    sampler, pruner, in_flight = match.group(1), match.group(2) or "none", int(match.group(3) or 1)
+        raise ValueError(f"strategy {text!r}: write sampler[:startup][+pruner][@{IN_FLIGHT}], "
+                         f"e.g. tpe+hyperband@{IN_FLIGHT} or tpe:5+hyperband")
+    sampler, pruner, in_flight = match.group(1), match.group(3) or "none", int(match.group(4) or 1)
+    startup = None if match.group(2) is None else int(match.group(2))
+    if startup is not None and (sampler not in ("tpe", "gp") or startup < 1):
+        raise ValueError(f"strategy {text!r}: a start-up count (:N, N >= 1) is for tpe and gp")
     if sampler not in SAMPLERS or pruner not in PRUNERS:
         raise ValueError(f"strategy {text!r}: samplers {', '.join(SAMPLERS)}; pruners "
                          f"{', '.join(PRUNERS[1:])}")
@@ -197,7 +205,7 @@ def parse_strategy(text: str) -> Strategy:
         raise ValueError(f"strategy {text!r}: {sampler} trains every trial to the end, one at a time")
     if in_flight not in (1, IN_FLIGHT):
         raise ValueError(f"strategy {text!r}: 1 or {IN_FLIGHT} trials in flight")
-    return Strategy(sampler, pruner, in_flight)
+    return Strategy(sampler, pruner, in_flight, startup)
 
 
 @dataclass(frozen=True)
@@ -267,7 +275,8 @@ def preset_dimensions(names: Sequence[str], learning_rate: float) -> dict[str, A
 
 def study_name(space: Space, strategy: Strategy, seed: int) -> str:
     """The study's name (and database file name)."""
-    return f"{space.name}-{strategy.name.replace('+', '-').replace('@', '-x')}-seed{seed}"
+    name = strategy.name.replace("+", "-").replace("@", "-x").replace(":", "-s")
+    return f"{space.name}-{name}-seed{seed}"
 
 
 def study_spec(
@@ -293,6 +302,8 @@ def study_spec(
         "training": {**space.training, "epochs": size.epochs, "device": "cpu"},
         "space": space.dimensions,
     }
+    if strategy.startup is not None:
+        raw["study"]["sampler_options"] = {"n_startup_trials": strategy.startup}
     if strategy.sampler == "presets":
         raw["study"]["presets"] = list(space.presets)
         raw["space"] = preset_dimensions(space.presets, space.preset_learning_rate)
@@ -856,7 +867,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--space", choices=(*SPACES, "both"), default="both",
                         help="the space searched (default both)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help="comma-separated sampler[+pruner][@4] (the grid is always run); "
+                        help="comma-separated sampler[:startup][+pruner][@4] (the grid is always run; :N sets TPE's or GP's n_startup_trials); "
                         f"default {','.join(STRATEGIES)}")
     parser.add_argument("--seeds", type=int, default=None, help="replicates (default 5; 1 with --quick)")
     parser.add_argument("--trials", type=int, default=None,

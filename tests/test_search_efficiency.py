@@ -89,9 +89,20 @@ def test_strategies_parse_and_reject_with_what_is_allowed():
     assert se.parse_strategy("tpe+hyperband@4") == se.Strategy("tpe", "hyperband", 4)
     assert se.parse_strategy("random+median").label == "random+median"
     assert se.parse_strategy("tpe@4").label == "tpe, 4 in flight"
-    for bad in ("grid+hyperband", "tpe+asha", "tpe@3", "cmaes"):
+    for bad in ("grid+hyperband", "tpe+asha", "tpe@3", "cmaes", "random:5", "tpe:0"):
         with pytest.raises(ValueError, match="strategy"):
             se.parse_strategy(bad)
+
+
+def test_a_start_up_count_reaches_the_studys_sampler(tmp_path):
+    from lensnas.search.samplers import make_sampler
+
+    strategy = se.parse_strategy("tpe:5+hyperband")
+    assert strategy.name == "tpe:5+hyperband" and strategy.label == "tpe (5 start-up)+hyperband"
+    spec = se.study_spec(tmp_path, se.SHEARNET, strategy, 1, 36, se.QUICK)
+    assert make_sampler(spec)._n_startup_trials == 5
+    default = se.study_spec(tmp_path, se.SHEARNET, se.parse_strategy("tpe"), 1, 36, se.QUICK)
+    assert make_sampler(default)._n_startup_trials == 10 and spec.name != default.name
 
 
 def test_architecture_grid_and_presets_fit_their_spaces(tmp_path):
