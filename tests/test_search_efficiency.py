@@ -97,12 +97,12 @@ def test_strategies_parse_and_reject_with_what_is_allowed():
 def test_a_start_up_count_reaches_the_studys_sampler(tmp_path):
     from lensnas.search.samplers import make_sampler
 
-    strategy = se.parse_strategy("tpe:5+hyperband")
-    assert strategy.name == "tpe:5+hyperband" and strategy.label == "tpe (5 start-up)+hyperband"
+    strategy = se.parse_strategy("tpe:3+hyperband")
+    assert strategy.name == "tpe:3+hyperband" and strategy.label == "tpe (3 start-up)+hyperband"
     spec = se.study_spec(tmp_path, se.SHEARNET, strategy, 1, 36, se.QUICK)
-    assert make_sampler(spec)._n_startup_trials == 5
-    default = se.study_spec(tmp_path, se.SHEARNET, se.parse_strategy("tpe"), 1, 36, se.QUICK)
-    assert make_sampler(default)._n_startup_trials == 10 and spec.name != default.name
+    assert make_sampler(spec)._n_startup_trials == 3
+    optuna_default = se.study_spec(tmp_path, se.SHEARNET, se.parse_strategy("tpe:10"), 1, 36, se.QUICK)
+    assert make_sampler(optuna_default)._n_startup_trials == 10 and spec.name != optuna_default.name
 
 
 def test_architecture_grid_and_presets_fit_their_spaces(tmp_path):
