@@ -18,7 +18,7 @@ from lensnas.search.spec import StudySpec
 # version. n_startup_trials=5 for TPE (Optuna: 10): benchmarks.search_efficiency --quick, 5 seeds
 # (2026-12-07), TPE with Hyperband at the grid's compute ended at a median best rmse_over_crb of
 # 39.1 with 5 start-up trials against 49.4 with 10 on the architecture space (worst seed 59.3
-# against 85.4) and 66.2 against 67.0 on ShearNet's sweep, and its median anytime curve was
+# against 85.4) and 66.2 against 67.0 on the learning-rate sweep, and its median anytime curve was
 # lower from about a third of the budget on; a study of 30-70 trials spends a third of them on
 # random start-up with 10. GP keeps Optuna's 10 (not measured).
 # multivariate=True also for several metrics (the dimensions of a network interact: width
