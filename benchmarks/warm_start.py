@@ -2,7 +2,7 @@
 study started cold, in one run.
 
     python -m benchmarks.warm_start [--quick] [--space architecture|shearnet] [--seeds 5]
-        [--source-trials 12] [--trials 24] [--out FILE.json]
+        [--source-trials 12] [--trials 24] [--same-data] [--out FILE.json]
 
 Per replicate (seed s), three kinds of real lensnas studies in one SQLite file, on the shear
 objective of ``benchmarks.search_efficiency`` (same spaces, same sizes, one training seed per
@@ -10,6 +10,8 @@ study so that a configuration scores the same whichever trial proposes it):
 
 - ``source``: an earlier TPE study of the same space with another seed (s + 1000: other data,
   training seed and sampler seed), ``--source-trials`` trials: what a user has from yesterday;
+  with ``--same-data``, a random search on seed s itself (its values are exact here: an
+  exploratory study continued by TPE);
 - ``cold``: TPE, seed s, ``--trials`` trials;
 - ``copy``: TPE, seed s, ``warm_start = [source]`` (the source's trials copied with their
   values, which TPE sees), then ``--trials`` new trials;
@@ -75,11 +77,16 @@ def trials_to_reach(values: list[float], target: float) -> int | None:
 
 
 def run_seed(folder: Path, space_name: str, seed: int, source_trials: int, trials: int,
-             size: Size, cache_dir: Path) -> dict[str, Any]:
-    """The source, cold, copy and top3 studies of one replicate; their new trials' values."""
+             size: Size, cache_dir: Path, same_data: bool = False) -> dict[str, Any]:
+    """The source, cold, copy and top3 studies of one replicate; their new trials' values.
+    ``same_data``: the source is a random-search study on this replicate's own data and
+    training seed (its copied values are exact here), else a TPE study of another seed."""
     space, tpe = SPACES[space_name], parse_strategy("tpe")
     url = f"sqlite:///{folder}/warm-start-seed{seed}.db"
-    source = study_spec(folder, space, tpe, seed + SOURCE_SEED_OFFSET, NO_BUDGET, size)
+    if same_data:
+        source = study_spec(folder, space, parse_strategy("random"), seed, NO_BUDGET, size)
+    else:
+        source = study_spec(folder, space, tpe, seed + SOURCE_SEED_OFFSET, NO_BUDGET, size)
     source = dataclasses.replace(source, name=f"source-seed{seed}", n_trials=source_trials)
     launch(source, url, quiet=True, cache_dir=cache_dir)
     base = study_spec(folder, space, tpe, seed, NO_BUDGET, size)
@@ -107,7 +114,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_all(space: str, seeds: list[int], source_trials: int, trials: int, size: Size,
-            console: Console) -> list[dict[str, Any]]:
+            console: Console, same_data: bool = False) -> list[dict[str, Any]]:
     """Every replicate, two side by side (one per core), sharing one dataset cache."""
     results = []
     with tempfile.TemporaryDirectory(prefix="lensnas-warm-start-") as tmp:
@@ -121,7 +128,7 @@ def run_all(space: str, seeds: list[int], source_trials: int, trials: int, size:
         with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=context,
                                  initializer=_quiet_worker) as pool:
             futures = [pool.submit(run_seed, folder, space, seed, source_trials, trials, size,
-                                   cache_dir) for seed in seeds]
+                                   cache_dir, same_data) for seed in seeds]
             for future in as_completed(futures):
                 result = future.result()
                 row = summarise(result)
@@ -139,11 +146,11 @@ def report(results: list[dict[str, Any]], trials: int, console: Console) -> None
         needed = [row[f"{kind}_trials"] or math.inf for row in rows]
         cold = [row["cold_trials"] for row in rows]
         fewer = sum(n < c for n, c in zip(needed, cold))
-        finite = [n for n in needed if math.isfinite(n)]
+        middle = statistics.median(needed)
         console.print(
             f"{kind}: reached the cold study's final best in fewer trials than the cold study in "
             f"{fewer} of {len(rows)} seeds; new trials needed {[n if math.isfinite(n) else '>' + str(trials) for n in needed]} "
-            f"(median {statistics.median(needed) if finite else 'not reached'}) against the cold "
+            f"(median {middle if math.isfinite(middle) else '>' + str(trials)}) against the cold "
             f"study's {cold} (median {statistics.median(cold)}); final best median "
             f"{statistics.median(row[f'{kind}_best'] for row in rows):.3g} against "
             f"{statistics.median(row['cold_best'] for row in rows):.3g}")
@@ -158,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source-trials", type=int, default=12,
                         help="trials of the earlier study (default 12)")
     parser.add_argument("--trials", type=int, default=24, help="new trials a study runs (default 24)")
+    parser.add_argument("--same-data", action="store_true",
+                        help="the earlier study is a random search on the same data and training "
+                        "seed (its values are exact here) instead of a TPE study of another seed")
     parser.add_argument("--out", type=Path, help="JSON of every study's new trial values")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.source_trials < 3 or args.trials < 1:
@@ -166,10 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     size = QUICK if args.quick else FULL
     console.print(f"warm start on the {args.space} space: {args.seeds} seeds, source "
-                  f"{args.source_trials} trials, {args.trials} new trials a study, "
+                  f"{args.source_trials} trials ({'random, same data' if args.same_data else 'TPE, other data'}), "
+                  f"{args.trials} new trials a study, "
                   f"{size.n_train} training galaxies, {size.epochs} epochs a trial")
     results = run_all(args.space, list(range(args.seeds)), args.source_trials, args.trials, size,
-                      console)
+                      console, args.same_data)
     report(results, args.trials, console)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

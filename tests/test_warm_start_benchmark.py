@@ -37,3 +37,17 @@ def test_one_replicate_counts_only_the_trials_run_here(tmp_path):
     # top3 trains the source's best configurations here first, on its own data
     assert [t.params for t in top3.trials] == [t.params for t in best_source]
     assert sorted(result["top3"]) == sorted(t.value for t in top3.trials)
+
+
+def test_same_data_source_is_a_random_search_of_the_replicates_own_seed(tmp_path):
+    """--same-data: the earlier study searches at random on this replicate's data and training
+    seed, so the top3 study re-trains the source's best configurations on the same data."""
+    ws.run_seed(tmp_path, "architecture", 0, source_trials=3, trials=3, size=TINY,
+                cache_dir=tmp_path / "cache", same_data=True)
+    url = f"sqlite:///{tmp_path}/warm-start-seed0.db"
+    source = optuna.load_study(study_name="source-seed0", storage=url)
+    stored = source.user_attrs["spec"]["study"]
+    assert (stored["sampler"], stored["seed"]) == ("random", 0)
+    top3 = optuna.load_study(study_name="top3-seed0", storage=url)
+    best_source = sorted(source.trials, key=lambda t: t.value)
+    assert [t.params for t in top3.trials] == [t.params for t in best_source]
