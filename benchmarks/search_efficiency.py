@@ -156,7 +156,7 @@ ARCHITECTURE = Space(
 SPACES = {space.name: space for space in (SHEARNET, ARCHITECTURE)}
 
 SAMPLERS = ("grid", "random", "tpe", "gp", "presets")
-PRUNERS = ("none", "hyperband", "median")
+PRUNERS = ("none", "hyperband", "median", "successive_halving")
 STRATEGIES = (
     "grid", "random", "tpe", "gp", "tpe+hyperband", "tpe+median", "random+hyperband", "presets",
     f"tpe@{IN_FLIGHT}", f"tpe+hyperband@{IN_FLIGHT}",
@@ -190,7 +190,7 @@ class Strategy:
 def parse_strategy(text: str) -> Strategy:
     """A strategy from ``sampler[:startup][+pruner][@in_flight]`` (``startup``: the TPE or GP
     sampler's n_startup_trials); ValueError says what is allowed."""
-    match = re.fullmatch(r"([a-z]+)(?::(\d+))?(?:\+([a-z]+))?(?:@(\d+))?", text.strip())
+    match = re.fullmatch(r"([a-z]+)(?::(\d+))?(?:\+([a-z_]+))?(?:@(\d+))?", text.strip())
     if match is None:
         raise ValueError(f"strategy {text!r}: write sampler[:startup][+pruner][@{IN_FLIGHT}], "
                          f"e.g. tpe+hyperband@{IN_FLIGHT} or tpe:5+hyperband")

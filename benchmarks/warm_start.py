@@ -18,10 +18,13 @@ study so that a configuration scores the same whichever trial proposes it):
 - ``top3``: TPE, seed s, ``warm_start_top = 3`` (the source's best 3 configurations enqueued and
   trained here first), ``--trials`` new trials in all.
 
-Measured: the new trials each warm study needs until its best test ``rmse_over_crb`` (over its
-new trials only: copied values were measured on other data) reaches the cold study's final best,
-against the trials the cold study needed to reach it (the index of its best trial, counted from
-1). Copied trials cost nothing here; they were paid for by the source study.
+Measured: the new trials each warm study needs until its best test ``rmse_over_crb`` reaches
+the cold study's final best, against the trials the cold study needed to reach it (the index of
+its best trial, counted from 1); and, paired per seed, each study's best after 6, 12 and all new
+trials. A copy's best is over its new trials only when the source ran on other data (its copied
+values were measured there); with ``--same-data`` the copied values are exact and count (a copy
+whose source already beat the cold study's best needs 0 new trials). Copied trials cost nothing
+here; they were paid for by the source study.
 """
 
 from __future__ import annotations
@@ -68,8 +71,11 @@ def new_values(study: optuna.Study, copied: int = 0) -> list[float]:
     return [float(t.value) for t in trials]
 
 
-def trials_to_reach(values: list[float], target: float) -> int | None:
-    """How many trials (from 1) until the best of ``values`` is ``target`` or better."""
+def trials_to_reach(values: list[float], target: float, known: float = math.inf) -> int | None:
+    """How many trials (from 1) until the best of ``values`` is ``target`` or better; 0 when
+    ``known``, the best value the study already had before them, is."""
+    if known <= target:
+        return 0
     for index, value in enumerate(values):
         if value <= target:
             return index + 1
@@ -88,7 +94,7 @@ def run_seed(folder: Path, space_name: str, seed: int, source_trials: int, trial
     else:
         source = study_spec(folder, space, tpe, seed + SOURCE_SEED_OFFSET, NO_BUDGET, size)
     source = dataclasses.replace(source, name=f"source-seed{seed}", n_trials=source_trials)
-    launch(source, url, quiet=True, cache_dir=cache_dir)
+    source_study = launch(source, url, quiet=True, cache_dir=cache_dir)
     base = study_spec(folder, space, tpe, seed, NO_BUDGET, size)
     specs = {
         "cold": dataclasses.replace(base, name=f"cold-seed{seed}", n_trials=trials),
@@ -97,20 +103,32 @@ def run_seed(folder: Path, space_name: str, seed: int, source_trials: int, trial
         "top3": dataclasses.replace(base, name=f"top3-seed{seed}", n_trials=trials,
                                     warm_start=(source.name,), warm_start_top=3),
     }
-    values = {}
+    values = {"source": new_values(source_study)}
     for kind, spec in specs.items():
         study = launch(spec, url, quiet=True, cache_dir=cache_dir)
         copied = sum(WARM_START_FROM in t.user_attrs for t in study.trials) if kind == "copy" else 0
         values[kind] = new_values(study, copied)
-    return {"seed": seed, "space": space_name, **values}
+    return {"seed": seed, "space": space_name, "same_data": same_data, **values}
+
+
+def known_best(result: dict[str, Any], kind: str) -> float:
+    """The best value a study held before its new trials: the copied source's on the same data
+    (exact there), else none."""
+    return min(result["source"]) if kind == "copy" and result.get("same_data") else math.inf
+
+
+def best_after(result: dict[str, Any], kind: str, trials: int) -> float:
+    """The study's best after its first ``trials`` new trials (what it knew before included)."""
+    return min([known_best(result, kind), *result[kind][:trials]])
 
 
 def summarise(result: dict[str, Any]) -> dict[str, Any]:
     """Per replicate: the cold final best and the trials each study needed to reach it."""
     target = min(result["cold"])
     return {"seed": result["seed"], "cold_best": target,
-            **{f"{kind}_best": min(result[kind]) for kind in KINDS},
-            **{f"{kind}_trials": trials_to_reach(result[kind], target) for kind in KINDS}}
+            **{f"{kind}_best": best_after(result, kind, len(result[kind])) for kind in KINDS},
+            **{f"{kind}_trials": trials_to_reach(result[kind], target, known_best(result, kind))
+               for kind in KINDS}}
 
 
 def run_all(space: str, seeds: list[int], source_trials: int, trials: int, size: Size,
@@ -143,7 +161,7 @@ def report(results: list[dict[str, Any]], trials: int, console: Console) -> None
     """How many new trials each warm start needed to reach the cold study's final best."""
     rows = [summarise(result) for result in results]
     for kind in ("copy", "top3"):
-        needed = [row[f"{kind}_trials"] or math.inf for row in rows]
+        needed = [math.inf if row[f"{kind}_trials"] is None else row[f"{kind}_trials"] for row in rows]
         cold = [row["cold_trials"] for row in rows]
         fewer = sum(n < c for n, c in zip(needed, cold))
         middle = statistics.median(needed)
@@ -154,6 +172,13 @@ def report(results: list[dict[str, Any]], trials: int, console: Console) -> None
             f"study's {cold} (median {statistics.median(cold)}); final best median "
             f"{statistics.median(row[f'{kind}_best'] for row in rows):.3g} against "
             f"{statistics.median(row['cold_best'] for row in rows):.3g}")
+        for after in sorted({6, 12, trials} & set(range(1, trials + 1))):
+            warm = [best_after(result, kind, after) for result in results]
+            cold_after = [best_after(result, "cold", after) for result in results]
+            console.print(
+                f"  after {after} new trials: {kind} at least as good as cold in "
+                f"{sum(w <= c for w, c in zip(warm, cold_after))} of {len(rows)} seeds; median best "
+                f"{statistics.median(warm):.3g} against {statistics.median(cold_after):.3g}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -73,6 +73,7 @@ def grid_space(spec: StudySpec) -> dict[str, list]:
 # A step is an epoch; pruners see the per-epoch validation score.
 MEDIAN_DEFAULTS = {"n_startup_trials": 3, "n_warmup_steps": 1}
 HYPERBAND_DEFAULTS = {"min_resource": 1}
+SUCCESSIVE_HALVING_DEFAULTS = {"min_resource": 1, "reduction_factor": 3}
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -83,4 +84,6 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         epochs = spec.training.get("epochs")
         defaults = {**HYPERBAND_DEFAULTS, **({"max_resource": epochs} if isinstance(epochs, int) else {})}
         return optuna.pruners.HyperbandPruner(**{**defaults, **spec.pruner_options})
+    if spec.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**{**SUCCESSIVE_HALVING_DEFAULTS, **spec.pruner_options})
     return optuna.pruners.NopPruner()

@@ -28,7 +28,7 @@ from lensnas.spaces.dimensions import closest, parse_dimension
 from lensnas.spaces.errors import OptionError, StudyFileError
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2", "grid")
-PRUNERS = ("none", "median", "hyperband")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
 DIRECTIONS = ("minimize", "maximize")
 DEVICES = ("auto", "cpu", "cuda")
 TABLES = ("study", "objective", "training", "space")
@@ -102,6 +102,10 @@ PRUNER_OPTIONS: dict[str, dict[str, OptionRule]] = {
     "hyperband": {
         "min_resource": _POSITIVE, "max_resource": OptionRule(int, 1, words=("auto",)),
         "reduction_factor": OptionRule(int, 2), "bootstrap_count": _COUNT,
+    },
+    "successive_halving": {
+        "min_resource": _POSITIVE, "reduction_factor": OptionRule(int, 2),
+        "min_early_stopping_rate": _COUNT, "bootstrap_count": _COUNT,
     },
     "none": {},
 }
@@ -300,6 +304,8 @@ def _validate(path: Path, raw: dict[str, Any]) -> StudySpec:
     _check_tpe(sampler_options)
     if pruner == "hyperband":
         _check_hyperband(pruner_options, training.get("epochs"))
+    if pruner == "successive_halving":
+        _check_min_resource(pruner_options, training.get("epochs"))
     warm_start = _warm_start(study.get("warm_start", []), name)
     warm_start_top = study.get("warm_start_top")
     if warm_start_top is not None:
@@ -339,12 +345,18 @@ def _check_tpe(options: dict[str, Any]) -> None:
         raise SpaceError("study.sampler_options.group", "needs multivariate = true; allowed with multivariate = false: group = false")
 
 
-def _check_hyperband(options: dict[str, Any], epochs: Any) -> None:
-    """Hyperband's resources (epochs) must be reachable: min <= max <= training.epochs."""
-    max_resource = options.get("max_resource", epochs if isinstance(epochs, int) else "auto")
+def _check_min_resource(options: dict[str, Any], epochs: Any) -> int:
+    """The pruner's first rung (epochs), which a trial must be able to reach."""
     min_resource = options.get("min_resource", 1)
     if isinstance(epochs, int) and min_resource > epochs:
         raise SpaceError("study.pruner_options.min_resource", f"{min_resource} epochs is more than training.epochs ({epochs}): no trial would be pruned; allowed: 1..{epochs}")
+    return min_resource
+
+
+def _check_hyperband(options: dict[str, Any], epochs: Any) -> None:
+    """Hyperband's resources (epochs) must be reachable: min <= max <= training.epochs."""
+    max_resource = options.get("max_resource", epochs if isinstance(epochs, int) else "auto")
+    min_resource = _check_min_resource(options, epochs)
     if max_resource == "auto":
         if options.get("bootstrap_count", 0) > 0:
             raise SpaceError("study.pruner_options.bootstrap_count", 'needs an integer max_resource (not "auto"); allowed with "auto": 0')

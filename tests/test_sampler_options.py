@@ -41,6 +41,9 @@ def test_defaults_are_kept(tmp_path):
     hyperband = make_pruner(load_spec(_study_file(tmp_path, "", pruner="hyperband")))
     # max_resource: training.epochs (2 here), not Optuna's "auto" (epochs + 1: steps from 0)
     assert (hyperband._min_resource, hyperband._max_resource, hyperband._reduction_factor) == (1, 2, 3)
+    halving = make_pruner(load_spec(_study_file(tmp_path, "", pruner="successive_halving")))
+    # Optuna's: min_resource "auto", reduction_factor 4; lensnas's 1 and 3, as its Hyperband
+    assert (halving._min_resource, halving._reduction_factor, halving._min_early_stopping_rate) == (1, 3, 0)
 
 
 @pytest.mark.parametrize(("sampler", "options", "read"), [
@@ -66,6 +69,9 @@ def test_sampler_options_reach_the_sampler(tmp_path, sampler, options, read):
      {"_n_startup_trials": 0, "_n_warmup_steps": 2, "_interval_steps": 2, "_n_min_trials": 3}),
     ("hyperband", "{ min_resource = 1, max_resource = 2, reduction_factor = 2, bootstrap_count = 1 }",
      {"_min_resource": 1, "_max_resource": 2, "_reduction_factor": 2, "_bootstrap_count": 1}),
+    ("successive_halving",
+     "{ min_resource = 2, reduction_factor = 4, min_early_stopping_rate = 1, bootstrap_count = 2 }",
+     {"_min_resource": 2, "_reduction_factor": 4, "_min_early_stopping_rate": 1, "_bootstrap_count": 2}),
 ])
 def test_pruner_options_reach_the_pruner(tmp_path, pruner, options, expected):
     spec = load_spec(_study_file(tmp_path, f"pruner_options = {options}", pruner=pruner))
@@ -116,6 +122,22 @@ def test_bad_option_is_one_line_naming_key_and_what_is_allowed(tmp_path, lines, 
     assert expected in message
 
 
+@pytest.mark.parametrize(("lines", "expected"), [
+    ("pruner_options = { min_resource = 3 }",
+     "study.pruner_options.min_resource: 3 epochs is more than training.epochs (2)"),
+    ("pruner_options = { max_resource = 2 }",
+     ("study.pruner_options.max_resource: not an option of the pruner \"successive_halving\" "
+      "(did you mean 'min_resource'?); allowed: min_resource, reduction_factor, min_early_stopping_rate, bootstrap_count")),
+    ("pruner_options = { min_early_stopping_rate = -1 }",
+     "study.pruner_options.min_early_stopping_rate: must be an integer >= 0, got -1"),
+])
+def test_bad_successive_halving_option_is_one_line(tmp_path, lines, expected):
+    path = _study_file(tmp_path, lines, pruner="successive_halving")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert "\n" not in str(info.value) and expected in str(info.value)
+
+
 def test_options_of_a_sampler_or_pruner_without_any(tmp_path, capsys):
     path = _study_file(tmp_path, "sampler_options = { seed = 1 }", sampler="random")
     assert main(["launch", str(path), "--storage", f"sqlite:///{tmp_path}/x.db"]) == 2
@@ -137,6 +159,24 @@ def test_launched_study_uses_the_options(tmp_path):
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
     assert (study.sampler._n_startup_trials, study.sampler._n_ei_candidates) == (2, 12)
     assert (study.pruner._n_startup_trials, study.pruner._n_warmup_steps) == (1, 0)
+
+
+def test_successive_halving_prunes_a_bad_trial_at_its_first_rung(tmp_path):
+    """One bracket (rung 0 at epoch 1 of 2): a trial worse there than those before it stops."""
+    path = write_ray_study(tmp_path, "halving", n_trials=3, epochs=2, pruner="successive_halving")
+    spec = load_spec(path)
+    storage = f"sqlite:///{tmp_path}/lensnas.db"
+    study = open_study(spec, open_storage(storage))
+    arch = {"depth": 1, "width": 8, "pooling": "max", "head": "gap"}
+    for learning_rate in (3e-3, 1.0, 1.0):  # a good one, then two far too fast
+        study.enqueue_trial({**arch, "learning_rate": learning_rate})
+    launch(spec, storage, quiet=True)
+    good, *bad = load(storage, "halving").trials
+    assert good.state == TrialState.COMPLETE and list(good.intermediate_values) == [1, 2]
+    for trial in bad:
+        assert trial.state == TrialState.PRUNED
+        assert list(trial.intermediate_values) == [1]  # stopped after epoch 1 of 2
+        assert trial.system_attrs["completed_rung_0"] == trial.intermediate_values[1]
 
 
 def test_hyperband_under_ray_with_two_trials_in_flight(tmp_path, ray_session):

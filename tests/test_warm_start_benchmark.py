@@ -19,6 +19,20 @@ def test_trials_to_reach_counts_from_one():
     row = ws.summarise({"seed": 0, "cold": [4.0, 2.0, 3.0], "copy": [2.5, 1.0], "top3": [3.0, 3.0]})
     assert row["cold_best"] == 2.0 and row["cold_trials"] == 2
     assert row["copy_trials"] == 2 and row["copy_best"] == 1.0 and row["top3_trials"] is None
+    assert ws.trials_to_reach([5.0], 3.0, known=2.5) == 0
+
+
+def test_same_data_copies_count_what_the_source_measured():
+    """Same data: the copied values are exact, so a copy starts from the source's best; on other
+    data it does not."""
+    result = {"seed": 0, "same_data": True, "source": [2.0, 6.0], "cold": [4.0, 3.0],
+              "copy": [5.0, 1.0], "top3": [2.0, 9.0]}
+    row = ws.summarise(result)
+    assert row["cold_best"] == 3.0 and row["cold_trials"] == 2
+    assert row["copy_trials"] == 0 and row["copy_best"] == 1.0 and row["top3_trials"] == 1
+    assert ws.best_after(result, "copy", 1) == 2.0 and ws.best_after(result, "top3", 1) == 2.0
+    other = ws.summarise({**result, "same_data": False})
+    assert other["copy_trials"] == 2 and ws.best_after({**result, "same_data": False}, "copy", 1) == 5.0
 
 
 def test_one_replicate_counts_only_the_trials_run_here(tmp_path):
@@ -37,6 +51,7 @@ def test_one_replicate_counts_only_the_trials_run_here(tmp_path):
     # top3 trains the source's best configurations here first, on its own data
     assert [t.params for t in top3.trials] == [t.params for t in best_source]
     assert sorted(result["top3"]) == sorted(t.value for t in top3.trials)
+    assert result["source"] == [t.value for t in source.trials] and result["same_data"] is False
 
 
 def test_same_data_source_is_a_random_search_of_the_replicates_own_seed(tmp_path):
