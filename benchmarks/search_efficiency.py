@@ -720,6 +720,8 @@ def report(results: list[StudyResult], console: Console) -> list[tuple[str, list
                     f"grid's compute it ends at {ends:.3g} against the grid's {grid_final:.3g} "
                     f"(medians over seeds)."
                 )
+        if "random" in groups:
+            lines.append(random_share_line(groups["random"], grids, space))
         if "presets" in groups:
             presets = [r.final_best() for r in groups["presets"]]
             lines.append(
@@ -741,6 +743,18 @@ def report(results: list[StudyResult], console: Console) -> list[tuple[str, list
             console.print(line, markup=False, highlight=False)
         sections.append((space, tables, lines))
     return sections
+
+
+def random_share_line(randoms: Sequence[StudyResult], grids: dict[int, StudyResult], space: str) -> str:
+    """How rare a configuration as good as the grid's best is in the samplers' space: the share
+    of the random strategy's complete trials (trained to the end) that reached it, per seed."""
+    shares = []
+    for result in randoms:
+        values = [t.value for t in result.trials if t.state == "COMPLETE"]
+        shares.append((sum(v <= grids[result.seed].final_best() for v in values), len(values)))
+    total = sum(k for k, _ in shares) / max(sum(n for _, n in shares), 1)
+    return (f"{space}: random configurations (trained to the end) as good as the grid's final best, "
+            f"per seed: {', '.join(f'{k}/{n}' for k, n in shares)} ({total:.1%} of all).")
 
 
 def curve_bands(results: Sequence[StudyResult], budget: int) -> tuple[list[int], list[float], list[float], list[float]]:

@@ -85,10 +85,19 @@ def test_reach_counts_compute_to_the_grids_final_best_within_its_budget():
     assert se.compute_marks(12) == [1, 2, 4, 6, 8, 12]
 
 
+def test_random_share_counts_complete_trials_as_good_as_the_grids_best():
+    grid = {1: _result(1, [_trial(0, 3, 6.0)], "grid"), 2: _result(2, [_trial(0, 3, 4.0)], "grid")}
+    randoms = [_result(1, [_trial(0, 3, 5.0), _trial(1, 3, 9.0), _trial(2, 1)], "random"),
+               _result(2, [_trial(0, 3, 4.5), _trial(1, 3, 4.0)], "random")]
+    line = se.random_share_line(randoms, grid, "shearnet")
+    assert "per seed: 1/2, 1/2 (50.0% of all)" in line
+
+
 def test_strategies_parse_and_reject_with_what_is_allowed():
     assert se.parse_strategy("tpe+hyperband@4") == se.Strategy("tpe", "hyperband", 4)
     assert se.parse_strategy("random+median").label == "random+median"
     assert se.parse_strategy("tpe@4").label == "tpe, 4 in flight"
+    assert se.parse_strategy("tpe+successive_halving").pruner == "successive_halving"
     for bad in ("grid+hyperband", "tpe+asha", "tpe@3", "cmaes", "random:5", "tpe:0"):
         with pytest.raises(ValueError, match="strategy"):
             se.parse_strategy(bad)
