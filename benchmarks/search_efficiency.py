@@ -884,6 +884,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated sampler[:startup][+pruner][@4] (the grid is always run; :N sets TPE's or GP's n_startup_trials); "
                         f"default {','.join(STRATEGIES)}")
     parser.add_argument("--seeds", type=int, default=None, help="replicates (default 5; 1 with --quick)")
+    parser.add_argument("--first-seed", type=int, default=1,
+                        help="the first replicate's seed (default 1): fresh seeds confirm a choice "
+                        "made on others")
     parser.add_argument("--trials", type=int, default=None,
                         help="the grid's first N combinations in its order (default all: 36 on "
                         "shearnet, 48 on architecture); the budget is N x epochs")
@@ -905,8 +908,10 @@ def main(argv: list[str] | None = None) -> None:
         strategies = [s for s in strategies if parse_strategy(s).in_flight == 1]
     size = QUICK if args.quick else FULL
     size = Size(args.n_train or size.n_train, size.n_validation, size.n_test, args.epochs or size.epochs)
-    if seeds < 1 or (args.trials is not None and args.trials < 1) or size.epochs < 1 or size.n_train < 2:
-        parser.error("--seeds, --trials and --epochs must be at least 1, --n-train at least 2")
+    if (seeds < 1 or args.first_seed < 0 or (args.trials is not None and args.trials < 1)
+            or size.epochs < 1 or size.n_train < 2):
+        parser.error("--seeds, --trials and --epochs must be at least 1, --first-seed at least 0, "
+                     "--n-train at least 2")
     spaces = list(SPACES) if args.space == "both" else [args.space]
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -920,13 +925,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start; shear: "
         f"{size.n_train}/{size.n_validation}/{size.n_test} galaxies (train/validation/test), "
         f"25x25 stamps, {size.epochs} epochs a full trial; spaces {', '.join(spaces)}; budget "
-        f"(grid trials x epochs): {budgets}; strategies {', '.join(strategies)}; {seeds} seeds. "
+        f"(grid trials x epochs): {budgets}; strategies {', '.join(strategies)}; {seeds} seeds "
+        f"from {args.first_seed}. "
         f"Every trial of a seed trains from that seed: a configuration scores the same whichever "
         f"strategy proposes it."
     )
     console.print(header, markup=False, highlight=False)
     started = time.perf_counter()
-    results = run_all(spaces, strategies, list(range(1, seeds + 1)), args.trials, size,
+    seed_list = list(range(args.first_seed, args.first_seed + seeds))
+    results = run_all(spaces, strategies, seed_list, args.trials, size,
                       Path(args.cache_dir) if args.cache_dir else None, console)
     sections = report(results, console)
     trials = [t for r in results for t in r.trials]
@@ -938,7 +945,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(median); load average {os.getloadavg()[0]:.1f} at the end"
     )
     if out is not None:
-        settings = {"size": asdict(size), "spaces": spaces, "strategies": strategies, "seeds": seeds,
+        settings = {"size": asdict(size), "spaces": spaces, "strategies": strategies, "seeds": seed_list,
                     "grid_trials": {s: n_grid(SPACES[s], args.trials) for s in spaces},
                     "minutes": minutes, "header": header}
         write_json(results, settings, out / "search_efficiency.json")
