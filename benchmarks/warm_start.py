@@ -62,13 +62,22 @@ KINDS = ("cold", "copy", "top3")
 NO_BUDGET = 10**6  # study_spec's grid size: its epoch budget is then never reached
 
 
-def new_values(study: optuna.Study, copied: int = 0) -> list[float]:
-    """Test values of the study's COMPLETE trials run here, in completion order: all but its
-    first ``copied`` trials (the copied ones; enqueued top-K trials are run here and count)."""
+def new_trials(study: optuna.Study, copied: int = 0) -> list[optuna.trial.FrozenTrial]:
+    """The study's COMPLETE trials run here, in completion order: all but its first ``copied``
+    trials (the copied ones; enqueued top-K trials are run here and count)."""
     trials = [t for t in study.get_trials(deepcopy=False, states=(STATE.COMPLETE,))
               if t.number >= copied]
-    trials.sort(key=lambda t: (t.datetime_complete, t.number))
-    return [float(t.value) for t in trials]
+    return sorted(trials, key=lambda t: (t.datetime_complete, t.number))
+
+
+def new_values(study: optuna.Study, copied: int = 0) -> list[float]:
+    """Test values of the study's trials run here (:func:`new_trials`), in completion order."""
+    return [float(t.value) for t in new_trials(study, copied)]
+
+
+def architectures(params: list[dict[str, Any]]) -> int:
+    """Distinct networks among parameter sets: every parameter but the learning rate."""
+    return len({tuple(sorted((k, v) for k, v in p.items() if k != "learning_rate")) for p in params})
 
 
 def trials_to_reach(values: list[float], target: float, known: float = math.inf) -> int | None:
@@ -108,6 +117,7 @@ def run_seed(folder: Path, space_name: str, seed: int, source_trials: int, trial
         study = launch(spec, url, quiet=True, cache_dir=cache_dir)
         copied = sum(WARM_START_FROM in t.user_attrs for t in study.trials) if kind == "copy" else 0
         values[kind] = new_values(study, copied)
+        values[f"{kind}_params"] = [t.params for t in new_trials(study, copied)]
     return {"seed": seed, "space": space_name, "same_data": same_data, **values}
 
 
@@ -172,6 +182,12 @@ def report(results: list[dict[str, Any]], trials: int, console: Console) -> None
             f"study's {cold} (median {statistics.median(cold)}); final best median "
             f"{statistics.median(row[f'{kind}_best'] for row in rows):.3g} against "
             f"{statistics.median(row['cold_best'] for row in rows):.3g}")
+        if all(f"{kind}_params" in result for result in results):
+            distinct = [architectures(result[f"{kind}_params"]) for result in results]
+            cold_distinct = [architectures(result["cold_params"]) for result in results]
+            console.print(f"  distinct networks among the new trials: {kind} median "
+                          f"{statistics.median(distinct)} {distinct}, cold "
+                          f"{statistics.median(cold_distinct)} {cold_distinct}")
         for after in sorted({6, 12, trials} & set(range(1, trials + 1))):
             warm = [best_after(result, kind, after) for result in results]
             cold_after = [best_after(result, "cold", after) for result in results]

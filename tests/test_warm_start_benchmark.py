@@ -22,6 +22,11 @@ def test_trials_to_reach_counts_from_one():
     assert ws.trials_to_reach([5.0], 3.0, known=2.5) == 0
 
 
+def test_architectures_ignore_the_learning_rate():
+    params = [{"depth": 2, "learning_rate": 1e-3}, {"depth": 2, "learning_rate": 2e-3}, {"depth": 3, "learning_rate": 1e-3}]
+    assert ws.architectures(params) == 2
+
+
 def test_same_data_copies_count_what_the_source_measured():
     """Same data: the copied values are exact, so a copy starts from the source's best; on other
     data it does not."""
@@ -52,6 +57,8 @@ def test_one_replicate_counts_only_the_trials_run_here(tmp_path):
     assert [t.params for t in top3.trials] == [t.params for t in best_source]
     assert sorted(result["top3"]) == sorted(t.value for t in top3.trials)
     assert result["source"] == [t.value for t in source.trials] and result["same_data"] is False
+    assert result["copy_params"] == [t.params for t in copy.trials[3:]]
+    assert 1 <= ws.architectures(result["cold_params"]) <= 3
 
 
 def test_same_data_source_is_a_random_search_of_the_replicates_own_seed(tmp_path):
