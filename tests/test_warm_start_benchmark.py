@@ -36,6 +36,8 @@ def test_same_data_copies_count_what_the_source_measured():
     assert row["cold_best"] == 3.0 and row["cold_trials"] == 2
     assert row["copy_trials"] == 0 and row["copy_best"] == 1.0 and row["top3_trials"] == 1
     assert ws.best_after(result, "copy", 1) == 2.0 and ws.best_after(result, "top3", 1) == 2.0
+    assert ws.fewer_trials([result], "copy", 2) == 1 and ws.fewer_trials([result], "top3", 2) == 1
+    assert ws.fewer_trials([result], "top3", 1) == 0  # cold's best of 1 is 4.0, reached at once: 1 vs 1
     other = ws.summarise({**result, "same_data": False})
     assert other["copy_trials"] == 2 and ws.best_after({**result, "same_data": False}, "copy", 1) == 5.0
 
