@@ -70,7 +70,9 @@ def grid_space(spec: StudySpec) -> dict[str, list]:
 # here are often 10-30 trials: with 5 start-up trials half of a 10-trial study is never pruned);
 # Hyperband's max_resource is the study's training.epochs where that is one number (Optuna's
 # "auto" counts steps from 0 and lensnas's epochs from 1: it would be epochs + 1, a bracket off).
-# A step is an epoch; pruners see the per-epoch validation score.
+# A step is an epoch; pruners see the per-epoch validation score. With Hyperband, Optuna gives
+# the sampler only the trials of the new trial's bracket (assigned by hashing study name and
+# trial number): TPE's start-up trials are counted per bracket.
 MEDIAN_DEFAULTS = {"n_startup_trials": 3, "n_warmup_steps": 1}
 HYPERBAND_DEFAULTS = {"min_resource": 1}
 # Successive halving (one bracket; Optuna: min_resource "auto", reduction_factor 4) starts, as
