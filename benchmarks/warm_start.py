@@ -146,7 +146,7 @@ def fewer_trials(results: list[dict[str, Any]], kind: str, trials: int) -> int:
     not depend on n_trials), ``kind`` reached the cold study's final best in fewer of them."""
     count = 0
     for result in results:
-        row = summarise({**result, **{k: result[k][:trials] for k in ("cold", *KINDS)}})
+        row = summarise({**result, **{k: result[k][:trials] for k in KINDS}})
         needed = row[f"{kind}_trials"]
         count += needed is not None and needed < row["cold_trials"]
     return count
