@@ -143,8 +143,7 @@ def warm_start_study(spec: StudySpec, study: optuna.Study, sources: dict[str, So
     as the first new trials instead. Copied trials are finished trials of this study: they
     count towards n_trials as presets and resumed trials do (``finished_count``), and the
     sampler (TPE, GP) and the median pruner see them; the rungs of Hyperband and successive
-    halving, NSGA-II's generations
-    and the grid's cells count only trials run here. An earlier study is used once: it is
+    halving, NSGA-II's generations and the grid's cells count only trials run here. An earlier study is used once: it is
     recorded in the study attribute ``warm_started_from`` and skipped on resume.
     """
     done = list(study.user_attrs.get(WARM_STARTED, []))
