@@ -236,9 +236,10 @@ class SharedSeedShear(ShearObjective):
     OPTIONS: ClassVar[dict[str, Any]] = {**ShearObjective.OPTIONS, "budget_epochs": 0}  # 0: none
 
     def run_trial(self, params: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        """Train from the study seed instead of the per-trial seed; store it as training_seed and
+        """Train from the study seed instead of the per-trial seed (or from the trial's
+        ``training_seed`` user attribute, set when it was enqueued); store it as training_seed and
         the trial's CPU seconds as cpu_seconds (also when pruned)."""
-        ctx.seed = self.seed
+        ctx.seed = int(ctx.trial.user_attrs.get("training_seed", self.seed))
         budget = self.options["budget_epochs"]
         if budget and spent_epochs(ctx.trial.study) >= budget:  # ctx: lensnas's Optuna context
             raise TrialFailed(f"{BUDGET_SPENT} ({budget} epochs)")
@@ -248,7 +249,7 @@ class SharedSeedShear(ShearObjective):
         finally:
             cpu_seconds = time.process_time() - started
             ctx.trial.set_user_attr("cpu_seconds", cpu_seconds)
-        return {**metrics, "training_seed": float(self.seed), "cpu_seconds": cpu_seconds}
+        return {**metrics, "training_seed": float(ctx.seed), "cpu_seconds": cpu_seconds}
 
 
 register_objective(SharedSeedShear.name, SharedSeedShear)
@@ -280,18 +281,20 @@ def study_name(space: Space, strategy: Strategy, seed: int) -> str:
 
 
 def study_spec(
-    folder: Path, space: Space, strategy: Strategy, seed: int, n_grid: int, size: Size
+    folder: Path, space: Space, strategy: Strategy, seed: int, n_grid: int, size: Size,
+    name: str | None = None,
 ) -> StudySpec:
-    """The study of one space, strategy and replicate. The grid's and the presets' trials are all
-    enqueued (their sampler is never consulted); a pruned strategy gets trials enough to spend
-    the grid's compute even if every trial stops after one epoch (the budget stops it)."""
+    """The study of one space, strategy and replicate (named ``name``, default
+    ``study_name``). The grid's and the presets' trials are all enqueued (their sampler is never
+    consulted); a pruned strategy gets trials enough to spend the grid's compute even if every
+    trial stops after one epoch (the budget stops it)."""
     budget = n_grid * size.epochs
     n_trials = {"grid": n_grid, "presets": len(space.presets)}.get(strategy.sampler, n_grid)
     if strategy.pruner != "none":
         n_trials = budget + BUDGET_STOP_FAILURES
     raw = {
         "study": {
-            "name": study_name(space, strategy, seed), "objective": SharedSeedShear.name,
+            "name": name or study_name(space, strategy, seed), "objective": SharedSeedShear.name,
             "metrics": [METRIC], "pruner": strategy.pruner, "n_trials": n_trials, "seed": seed,
             "sampler": strategy.sampler if strategy.sampler in ("random", "tpe", "gp") else "random",
         },

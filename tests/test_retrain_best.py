@@ -1,0 +1,98 @@
+"""benchmarks.retrain_best: the picks on hand-made studies, paired differences, and a tiny real
+run: a search's configuration trained again from its own seed gives its stored score, from fresh
+seeds other scores, and the command reads a search_efficiency.json and prints its table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import retrain_best as rb
+from benchmarks import search_efficiency as se
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = se.Size(n_train=200, n_validation=100, n_test=100, epochs=2)
+
+
+def _trial(number: int, epochs: int, value: float = math.nan) -> se.TrialCompute:
+    state = "COMPLETE" if math.isfinite(value) else "PRUNED"
+    return se.TrialCompute(number, state, epochs, 1.0, 1.0, value, value, 0.01,
+                           params={"learning_rate": number / 1000})
+
+
+def _study(strategy: str, trials: list[se.TrialCompute], seed: int = 1) -> se.StudyResult:
+    return se.StudyResult("shearnet", strategy, strategy, seed, 1, 12, trials, 1.0)
+
+
+def test_picks_are_the_grids_best_and_the_strategys_best_at_a_third_and_at_the_budget():
+    grid = _study("grid", [_trial(i, 3, v) for i, v in enumerate((9.0, 6.0, 8.0, 7.0))])
+    search = _study("tpe+hyperband", [_trial(10, 1), _trial(11, 3, 7.5), _trial(12, 3, 8.0),
+                                      _trial(13, 3, 5.0), _trial(14, 3, 4.0)])  # 14: past 12 epochs
+    other_seed = _study("tpe+hyperband", [_trial(20, 3, 1.0)], seed=2)  # no grid on seed 2
+    chosen = {p.pick: p for p in rb.picks([grid, search, other_seed], "tpe+hyperband")}
+    assert set(chosen) == set(rb.PICKS)
+    assert (chosen["grid"].stored, chosen["grid"].params) == (6.0, {"learning_rate": 0.001})
+    assert (chosen["at a third"].stored, chosen["at the budget"].stored) == (7.5, 5.0)
+    assert rb.picks([grid, search], "tpe") == []
+
+
+def test_paired_differences_and_their_verdicts():
+    pick = rb.Pick("shearnet", 1, "grid", {}, 10.0)
+    grid = rb.Retrained(pick, 10.0, [10.0, 12.0, 11.0, 13.0])
+    better = rb.Retrained(pick, 9.0, [9.0, 11.1, 9.9, 12.0])  # about 1 lower on every seed
+    difference, error = rb.paired_difference(better, grid)
+    assert difference == pytest.approx(-1.0) and error < 0.1
+    assert rb.verdict(difference, error) == "better"
+    assert rb.verdict(1.0, 0.2) == "worse" and rb.verdict(-0.3, 0.2) == "same"
+    assert grid.mean == 11.5 and grid.standard_error == pytest.approx(math.sqrt(5 / 3) / 2)
+
+
+def test_a_retrained_configuration_gives_its_stored_score_from_its_own_seed(tmp_path):
+    cache = tmp_path / "cache"
+    grid = se.run_study(tmp_path, "shearnet", "grid", 3, 3, TINY, cache)  # a third: its first trial
+    chosen = rb.picks([grid, dataclasses.replace(grid, strategy="again")], "again")
+    retrained = rb.retrain_replicate(tmp_path, chosen, 2, TINY, cache)
+    assert [r.pick.pick for r in retrained] == list(rb.PICKS)
+    assert retrained[0].pick.stored == grid.final_best() and retrained[1].pick.params == grid.trials[0].params
+    for result in retrained:
+        assert result.original == result.pick.stored  # the search's score, trained again
+        assert len(result.fresh) == 2 and all(math.isfinite(v) for v in result.fresh)
+    grid_pick, _, budget_pick = retrained
+    assert budget_pick.fresh == grid_pick.fresh  # the same configuration: trained once per seed
+    assert len(set(grid_pick.fresh) | {grid_pick.original}) == 3  # other seeds, other scores
+    assert rb.reproduced(retrained) == 0.0
+
+
+def test_the_command_reads_search_results_and_prints_the_table(tmp_path):
+    search = subprocess.run(
+        [sys.executable, "-m", "benchmarks.search_efficiency", "--space", "shearnet", "--seeds", "1",
+         "--trials", "3", "--epochs", "1", "--n-train", "200", "--strategies", "random",
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "search")],
+        cwd=ROOT, capture_output=True, text=True, timeout=400, check=False,
+    )
+    assert search.returncode == 0, search.stderr[-3000:]
+    results = tmp_path / "search" / "search_efficiency.json"
+    command = [sys.executable, "-m", "benchmarks.retrain_best", str(results), "--strategy", "random",
+               "--training-seeds", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json")]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"largest relative difference 0(\.0)?;", run.stdout), run.stdout
+    assert re.search(r"shearnet: at a third: (better|same|worse) in 1; at the budget: (better|same|worse) in 1",
+                     run.stdout), run.stdout
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert {r["pick"] for r in written["retrained"]} == set(rb.PICKS)
+    assert all(len(r["fresh"]) == 2 for r in written["retrained"])
+
+    bad = subprocess.run([*command[:3], str(tmp_path / "r.json")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "r.json: not a search_efficiency.json" in bad.stderr
+    other = subprocess.run([*command[:3], str(results), "--strategy", "tpe"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert other.returncode == 2 and "the results hold ['grid', 'random']" in other.stderr
