@@ -45,6 +45,8 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.search_efficiency import (
+    FULL,
+    QUICK,
     SPACES,
     STATE,
     Size,
@@ -58,19 +60,20 @@ from benchmarks.search_efficiency import (
 from lensnas.search.launch import launch
 
 FRESH_SEED_BASE = 100_000  # fresh training seeds are 100001, 100002, ...: no replicate's own seed
-PICKS = ("grid", "at a third", "at the budget")
+SEARCH_PICKS = ("grid", "at a third", "at the budget")
+WARM_START_PICKS = ("cold", "copy", "top3")
 SCORES = ("value", "validation", "abs_m")  # a trial's scores: NaN (JSON null) unless COMPLETE
 
 
 @dataclass(frozen=True)
 class Pick:
-    """One configuration chosen by a strategy in one replicate, with its stored score."""
+    """One configuration chosen in one replicate, with its stored score."""
 
     space: str
-    seed: int  # the replicate's seed: its data and the training seed of its search
-    pick: str  # one of PICKS
+    seed: int  # the replicate's seed: its data and the training seed of its studies
+    pick: str  # one of SEARCH_PICKS or WARM_START_PICKS; the first is the replicate's baseline
     params: dict[str, Any]
-    stored: float  # its test rmse_over_crb in the search
+    stored: float  # its test rmse_over_crb where it was found
 
 
 @dataclass(frozen=True)
@@ -90,18 +93,14 @@ class Retrained:
         return statistics.stdev(self.fresh) / math.sqrt(len(self.fresh)) if len(self.fresh) > 1 else math.nan
 
 
-def load_results(path: Path) -> list[StudyResult]:
-    """The studies of one ``search_efficiency.json``; ValueError names the file and what is wrong."""
-    try:
-        studies = json.loads(path.read_text(encoding="utf-8"))["studies"]
-        results = []
-        for study in studies:
-            trials = [TrialCompute(**{**t, **{k: math.nan for k in SCORES if t[k] is None}})
-                      for t in study["trials"]]
-            results.append(StudyResult(**{**study, "trials": trials}))
-        return results
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a search_efficiency.json written with --out ({error})") from error
+def search_results(studies: list[dict[str, Any]]) -> list[StudyResult]:
+    """The studies of a ``search_efficiency.json`` as the benchmark held them."""
+    results = []
+    for study in studies:
+        trials = [TrialCompute(**{**t, **{k: math.nan for k in SCORES if t[k] is None}})
+                  for t in study["trials"]]
+        results.append(StudyResult(**{**study, "trials": trials}))
+    return results
 
 
 def best_trial_within(result: StudyResult, epochs: float) -> TrialCompute | None:
@@ -115,8 +114,9 @@ def best_trial_within(result: StudyResult, epochs: float) -> TrialCompute | None
     return best
 
 
-def picks(results: Sequence[StudyResult], strategy: str) -> list[Pick]:
-    """The three picks of every replicate that has both a grid study and a ``strategy`` one."""
+def search_picks(results: Sequence[StudyResult], strategy: str) -> list[Pick]:
+    """The grid's best and the strategy's at a third and at the budget, in every replicate that
+    has both a grid study and a ``strategy`` one."""
     grids = {(r.space, r.seed): r for r in results if r.strategy == "grid"}
     chosen = []
     for result in results:
@@ -126,10 +126,37 @@ def picks(results: Sequence[StudyResult], strategy: str) -> list[Pick]:
         candidates = (best_trial_within(grid, grid.budget_epochs),
                       best_trial_within(result, result.budget_epochs / 3),
                       best_trial_within(result, result.budget_epochs))
-        for name, trial in zip(PICKS, candidates):
+        for name, trial in zip(SEARCH_PICKS, candidates):
             if trial is not None:
                 chosen.append(Pick(result.space, result.seed, name, trial.params, trial.value))
     return chosen
+
+
+def warm_start_picks(results: list[dict[str, Any]]) -> list[Pick]:
+    """Each replicate's final best of the cold, copy and top3 studies of a ``warm_start`` JSON
+    (a same-data copy's best may be one of its copied trials, whose values are exact)."""
+    chosen = []
+    for result in results:
+        for name in WARM_START_PICKS:
+            found = list(zip(result[name], result[f"{name}_params"]))
+            if name == "copy" and result["same_data"]:
+                found += zip(result["source"], result["source_params"])
+            value, params = min(found, key=lambda pair: pair[0])
+            chosen.append(Pick(result["space"], result["seed"], name, params, value))
+    return chosen
+
+
+def load_picks(path: Path, strategy: str) -> tuple[list[Pick], Size]:
+    """The picks of a ``search_efficiency.json`` (against ``strategy``) or a ``warm_start`` JSON,
+    and the objective's size; ValueError names the file and what is wrong."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if "studies" in payload:
+            return search_picks(search_results(payload["studies"]), strategy), Size(**payload["settings"]["size"])
+        return warm_start_picks(payload["results"]), QUICK if payload["settings"]["quick"] else FULL
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a search_efficiency.json or warm_start JSON written by this "
+                         f"version's --out ({type(error).__name__}: {error})") from error
 
 
 def training_seeds(seed: int, n_fresh: int) -> list[int]:
@@ -183,12 +210,13 @@ def retrain_all(chosen: Sequence[Pick], n_fresh: int, size: Size, cache_dir: Pat
                 results.extend(done)
                 console.print(f"  {done[0].pick.space}, seed {done[0].pick.seed}: "
                               + ", ".join(f"{r.pick.pick} {r.mean:.3g}" for r in done))
-    return sorted(results, key=lambda r: (r.pick.space, r.pick.seed, PICKS.index(r.pick.pick)))
+    order = {(p.space, p.seed, p.pick): index for index, p in enumerate(chosen)}
+    return sorted(results, key=lambda r: order[r.pick.space, r.pick.seed, r.pick.pick])
 
 
-def paired_difference(strategy: Retrained, grid: Retrained) -> tuple[float, float]:
-    """Mean and standard error of the strategy's minus the grid's score over the shared fresh seeds."""
-    differences = [a - b for a, b in zip(strategy.fresh, grid.fresh)]
+def paired_difference(pick: Retrained, baseline: Retrained) -> tuple[float, float]:
+    """Mean and standard error of the pick's minus the baseline's score over the shared fresh seeds."""
+    differences = [a - b for a, b in zip(pick.fresh, baseline.fresh)]
     mean = statistics.fmean(differences)
     error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
     return mean, error
@@ -205,33 +233,51 @@ def _mean_error(retrained: Retrained) -> str:
     return f"{retrained.mean:.3g} ± {retrained.standard_error:.2g}"
 
 
-def report(retrained: Sequence[Retrained], strategy: str, console: Console) -> dict[str, dict[str, int]]:
-    """Print one table per space; returns, per space and strategy pick, the count of replicates
-    where it is better, the same or worse than the grid's pick on fresh seeds."""
+def report(retrained: Sequence[Retrained], console: Console) -> dict[str, dict[str, int]]:
+    """Print one table per space, a row per replicate, its baseline (grid or cold) first; returns,
+    per space, how many replicates each other pick is better, the same or worse than the baseline
+    on the fresh seeds."""
     counts: dict[str, dict[str, int]] = {}
     for space in dict.fromkeys(r.pick.space for r in retrained):
-        table = Table(title=f"{space}: grid's best and {strategy}'s, test rmse_over_crb retrained")
-        for column in ("seed", "grid: stored (own seed, again)", "grid: fresh seeds",
-                       "at a third: stored", "at a third: fresh", "at a third − grid",
-                       "at the budget: stored", "at the budget: fresh", "at the budget − grid"):
-            table.add_column(column, justify="right")
-        for seed in dict.fromkeys(r.pick.seed for r in retrained if r.pick.space == space):
-            row = {r.pick.pick: r for r in retrained if (r.pick.space, r.pick.seed) == (space, seed)}
-            grid = row["grid"]
-            cells = [str(seed), f"{grid.pick.stored:.4g} ({grid.original:.4g})", _mean_error(grid)]
-            for name in PICKS[1:]:
-                if name not in row:
-                    cells += ["-", "-", "-"]
+        rows: dict[int, list[Retrained]] = {}
+        for result in retrained:
+            if result.pick.space == space:
+                rows.setdefault(result.pick.seed, []).append(result)
+        names = list(dict.fromkeys(r.pick.pick for row in rows.values() for r in row))
+        baseline_name = names[0]
+        table = Table(title=f"{space}: test rmse_over_crb of each pick, stored (trained again from the "
+                      f"same seed) and mean ± standard error over fresh training seeds")
+        table.add_column("seed", justify="right")
+        for name in names:
+            table.add_column(f"{name}: stored (again)", justify="right")
+            table.add_column(f"{name}: fresh", justify="right")
+            if name != baseline_name:
+                table.add_column(f"{name} − {baseline_name}", justify="right")
+        for seed, row in rows.items():
+            by_name = {r.pick.pick: r for r in row}
+            baseline = by_name.get(baseline_name)
+            cells = [str(seed)]
+            for name in names:
+                result = by_name.get(name)
+                if result is None:
+                    cells += ["-", "-"] if name == baseline_name else ["-", "-", "-"]
                     continue
-                difference, error = paired_difference(row[name], grid)
+                cells += [f"{result.pick.stored:.4g} ({result.original:.4g})", _mean_error(result)]
+                if name == baseline_name:
+                    continue
+                if baseline is None:
+                    cells.append("-")
+                    continue
+                difference, error = paired_difference(result, baseline)
                 outcome = verdict(difference, error)
-                counts.setdefault(space, {}).setdefault(f"{name}: {outcome}", 0)
-                counts[space][f"{name}: {outcome}"] += 1
-                cells += [f"{row[name].pick.stored:.4g} ({row[name].original:.4g})", _mean_error(row[name]),
-                          f"{difference:+.3g} ± {error:.2g} ({outcome})"]
+                key = f"{name}: {outcome}"
+                counts.setdefault(space, {})[key] = counts.get(space, {}).get(key, 0) + 1
+                cells.append(f"{difference:+.3g} ± {error:.2g} ({outcome})")
             table.add_row(*cells)
         console.print(table)
-        console.print(f"{space}: " + "; ".join(f"{k} in {v}" for k, v in sorted(counts.get(space, {}).items())))
+        console.print(f"{space}, against {baseline_name} on fresh training seeds: "
+                      + "; ".join(f"{k} in {v}" for k, v in sorted(counts.get(space, {}).items())),
+                      markup=False, highlight=False)
     return counts
 
 
@@ -244,7 +290,8 @@ def reproduced(retrained: Sequence[Retrained]) -> float:
 def main(argv: list[str] | None = None) -> None:
     """Parse the options, retrain the picks and print the tables (and write them with --out)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", help="search_efficiency.json files (written with --out)")
+    parser.add_argument("results", nargs="+",
+                        help="search_efficiency.json or warm_start JSON files (written with --out)")
     parser.add_argument("--strategy", default="tpe+hyperband",
                         help="the strategy compared with the grid, as named in the results (default tpe+hyperband)")
     parser.add_argument("--training-seeds", type=int, default=4, help="fresh training seeds (default 4, at least 2)")
@@ -254,20 +301,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.training_seeds < 2:
         parser.error("--training-seeds: at least 2 (a standard error needs two)")
-    results, sizes = [], set()
+    chosen: list[Pick] = []
+    sizes = set()
     for name in args.results:
         try:
-            results += load_results(Path(name))
-            sizes.add(json.dumps(json.loads(Path(name).read_text(encoding="utf-8"))["settings"]["size"]))
-        except (ValueError, KeyError) as error:
+            found, size = load_picks(Path(name), args.strategy)
+        except ValueError as error:
             parser.error(str(error))
+        chosen += found
+        sizes.add(size)
     if len(sizes) != 1:
-        parser.error(f"the results were run at different sizes: {sorted(sizes)}")
-    size = Size(**json.loads(sizes.pop()))
-    chosen = picks(results, args.strategy)
+        parser.error(f"the results were run at different sizes: {sorted(map(str, sizes))}")
+    size = sizes.pop()
     if not chosen:
-        strategies = sorted({r.strategy for r in results})
-        parser.error(f"--strategy {args.strategy}: no replicate has both it and the grid; the results hold {strategies}")
+        parser.error(f"--strategy {args.strategy}: no replicate has both it and the grid in {', '.join(args.results)}")
+    if len({(p.space, p.seed, p.pick) for p in chosen}) != len(chosen):
+        parser.error("the same replicate is in two of the results files")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore")
     console = Console(width=180, soft_wrap=True)
@@ -278,13 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     retrained = retrain_all(chosen, args.training_seeds, size,
                             Path(args.cache_dir) if args.cache_dir else None, console)
-    counts = report(retrained, args.strategy, console)
+    counts = report(retrained, console)
     worst = reproduced(retrained)
     minutes = (time.perf_counter() - started) / 60
     console.print(f"stored scores trained again from the same seed: largest relative difference {worst:.2g}; "
                   f"{minutes:.1f} min", markup=False, highlight=False)
     if args.out:
-        payload = {"strategy": args.strategy, "size": asdict(size), "training_seeds": args.training_seeds,
+        payload = {"results": args.results, "strategy": args.strategy, "size": asdict(size), "training_seeds": args.training_seeds,
                    "minutes": minutes, "counts": counts,
                    "retrained": [{**asdict(r.pick), "original": r.original, "fresh": r.fresh} for r in retrained]}
         Path(args.out).write_text(json.dumps(payload, indent=1), encoding="utf-8")

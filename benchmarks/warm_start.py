@@ -112,7 +112,8 @@ def run_seed(folder: Path, space_name: str, seed: int, source_trials: int, trial
         "top3": dataclasses.replace(base, name=f"top3-seed{seed}", n_trials=trials,
                                     warm_start=(source.name,), warm_start_top=3),
     }
-    values = {"source": new_values(source_study)}
+    values = {"source": new_values(source_study),
+              "source_params": [t.params for t in new_trials(source_study)]}
     for kind, spec in specs.items():
         study = launch(spec, url, quiet=True, cache_dir=cache_dir)
         copied = sum(WARM_START_FROM in t.user_attrs for t in study.trials) if kind == "copy" else 0

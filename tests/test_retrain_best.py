@@ -36,11 +36,24 @@ def test_picks_are_the_grids_best_and_the_strategys_best_at_a_third_and_at_the_b
     search = _study("tpe+hyperband", [_trial(10, 1), _trial(11, 3, 7.5), _trial(12, 3, 8.0),
                                       _trial(13, 3, 5.0), _trial(14, 3, 4.0)])  # 14: past 12 epochs
     other_seed = _study("tpe+hyperband", [_trial(20, 3, 1.0)], seed=2)  # no grid on seed 2
-    chosen = {p.pick: p for p in rb.picks([grid, search, other_seed], "tpe+hyperband")}
-    assert set(chosen) == set(rb.PICKS)
+    chosen = {p.pick: p for p in rb.search_picks([grid, search, other_seed], "tpe+hyperband")}
+    assert set(chosen) == set(rb.SEARCH_PICKS)
     assert (chosen["grid"].stored, chosen["grid"].params) == (6.0, {"learning_rate": 0.001})
     assert (chosen["at a third"].stored, chosen["at the budget"].stored) == (7.5, 5.0)
-    assert rb.picks([grid, search], "tpe") == []
+    assert rb.search_picks([grid, search], "tpe") == []
+
+
+def test_warm_start_picks_are_each_studys_final_best_a_same_data_copy_counting_its_copies():
+    result = {"space": "architecture", "seed": 4, "same_data": True,
+              "source": [5.0, 9.0], "source_params": [{"depth": 1}, {"depth": 2}],
+              "cold": [8.0, 6.0], "cold_params": [{"depth": 3}, {"depth": 4}],
+              "copy": [7.0], "copy_params": [{"depth": 5}],
+              "top3": [4.0, 5.0], "top3_params": [{"depth": 1}, {"depth": 6}]}
+    chosen = rb.warm_start_picks([result])
+    assert [(p.pick, p.stored, p.params) for p in chosen] == [
+        ("cold", 6.0, {"depth": 4}), ("copy", 5.0, {"depth": 1}), ("top3", 4.0, {"depth": 1})]
+    other_data = rb.warm_start_picks([{**result, "same_data": False}])
+    assert (other_data[1].stored, other_data[1].params) == (7.0, {"depth": 5})  # copies measured elsewhere
 
 
 def test_paired_differences_and_their_verdicts():
@@ -57,9 +70,9 @@ def test_paired_differences_and_their_verdicts():
 def test_a_retrained_configuration_gives_its_stored_score_from_its_own_seed(tmp_path):
     cache = tmp_path / "cache"
     grid = se.run_study(tmp_path, "shearnet", "grid", 3, 3, TINY, cache)  # a third: its first trial
-    chosen = rb.picks([grid, dataclasses.replace(grid, strategy="again")], "again")
+    chosen = rb.search_picks([grid, dataclasses.replace(grid, strategy="again")], "again")
     retrained = rb.retrain_replicate(tmp_path, chosen, 2, TINY, cache)
-    assert [r.pick.pick for r in retrained] == list(rb.PICKS)
+    assert [r.pick.pick for r in retrained] == list(rb.SEARCH_PICKS)
     assert retrained[0].pick.stored == grid.final_best() and retrained[1].pick.params == grid.trials[0].params
     for result in retrained:
         assert result.original == result.pick.stored  # the search's score, trained again
@@ -84,15 +97,16 @@ def test_the_command_reads_search_results_and_prints_the_table(tmp_path):
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert re.search(r"largest relative difference 0(\.0)?;", run.stdout), run.stdout
-    assert re.search(r"shearnet: at a third: (better|same|worse) in 1; at the budget: (better|same|worse) in 1",
+    assert re.search(r"shearnet, against grid on fresh training seeds: at a third: (better|same|worse) in 1; "
+                     r"at the budget: (better|same|worse) in 1",
                      run.stdout), run.stdout
     written = json.loads((tmp_path / "r.json").read_text())
-    assert {r["pick"] for r in written["retrained"]} == set(rb.PICKS)
+    assert {r["pick"] for r in written["retrained"]} == set(rb.SEARCH_PICKS)
     assert all(len(r["fresh"]) == 2 for r in written["retrained"])
 
     bad = subprocess.run([*command[:3], str(tmp_path / "r.json")], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=False)
-    assert bad.returncode == 2 and "r.json: not a search_efficiency.json" in bad.stderr
+    assert bad.returncode == 2 and "r.json: not a search_efficiency.json or warm_start JSON" in bad.stderr
     other = subprocess.run([*command[:3], str(results), "--strategy", "tpe"], cwd=ROOT,
                            capture_output=True, text=True, timeout=60, check=False)
-    assert other.returncode == 2 and "the results hold ['grid', 'random']" in other.stderr
+    assert other.returncode == 2 and "--strategy tpe: no replicate has both it and the grid" in other.stderr

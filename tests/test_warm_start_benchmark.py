@@ -60,6 +60,7 @@ def test_one_replicate_counts_only_the_trials_run_here(tmp_path):
     assert sorted(result["top3"]) == sorted(t.value for t in top3.trials)
     assert result["source"] == [t.value for t in source.trials] and result["same_data"] is False
     assert result["copy_params"] == [t.params for t in copy.trials[3:]]
+    assert result["source_params"] == [t.params for t in source.trials]  # what retrain_best trains again
     assert 1 <= ws.architectures(result["cold_params"]) <= 3
 
 
