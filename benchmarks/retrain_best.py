@@ -19,8 +19,12 @@ local executor, the replicate's data from the cache), from the replicate's own t
 ``--training-seeds`` fresh ones (the same for every configuration, so differences are paired).
 Printed per replicate: each configuration's mean test ``rmse_over_crb`` over the fresh seeds with
 its standard error, and the paired difference of the strategy's configuration from the grid's
-with its standard error: a difference beyond 2 standard errors is the configuration, one within
-them may be the training seed.
+with its standard error: ``better`` or ``worse`` when the 95% interval of the difference
+(Student's t, fresh seeds - 1 degrees of freedom) excludes 0, the configuration; ``same`` when it
+holds 0, which the training seed alone may explain.
+
+It also reads a ``warm_start`` JSON (``--out`` of ``benchmarks.warm_start``, this version): the
+final best of its cold, copy and top3 studies per replicate, compared with the cold one's.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import scipy.stats
 from rich.console import Console
 from rich.table import Table
 
@@ -222,9 +227,10 @@ def paired_difference(pick: Retrained, baseline: Retrained) -> tuple[float, floa
     return mean, error
 
 
-def verdict(difference: float, error: float) -> str:
-    """'better', 'worse' (beyond 2 standard errors) or 'same' (within them)."""
-    if not math.isfinite(error) or abs(difference) <= 2 * error:
+def verdict(difference: float, error: float, pairs: int) -> str:
+    """'better' or 'worse' when the 95% t interval of a mean ``difference`` with standard error
+    ``error`` over ``pairs`` pairs excludes 0, else 'same'."""
+    if pairs < 2 or not math.isfinite(error) or abs(difference) <= scipy.stats.t.ppf(0.975, pairs - 1) * error:
         return "same"
     return "better" if difference < 0 else "worse"
 
@@ -269,7 +275,7 @@ def report(retrained: Sequence[Retrained], console: Console) -> dict[str, dict[s
                     cells.append("-")
                     continue
                 difference, error = paired_difference(result, baseline)
-                outcome = verdict(difference, error)
+                outcome = verdict(difference, error, len(result.fresh))
                 key = f"{name}: {outcome}"
                 counts.setdefault(space, {})[key] = counts.get(space, {}).get(key, 0) + 1
                 cells.append(f"{difference:+.3g} ± {error:.2g} ({outcome})")

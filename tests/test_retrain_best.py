@@ -62,8 +62,9 @@ def test_paired_differences_and_their_verdicts():
     better = rb.Retrained(pick, 9.0, [9.0, 11.1, 9.9, 12.0])  # about 1 lower on every seed
     difference, error = rb.paired_difference(better, grid)
     assert difference == pytest.approx(-1.0) and error < 0.1
-    assert rb.verdict(difference, error) == "better"
-    assert rb.verdict(1.0, 0.2) == "worse" and rb.verdict(-0.3, 0.2) == "same"
+    assert rb.verdict(difference, error, 4) == "better"
+    assert rb.verdict(1.0, 0.2, 4) == "worse" and rb.verdict(-0.3, 0.2, 4) == "same"
+    assert rb.verdict(0.5, 0.2, 4) == "same" and rb.verdict(0.5, 0.2, 30) == "worse"  # t: 3.18 vs 2.05
     assert grid.mean == 11.5 and grid.standard_error == pytest.approx(math.sqrt(5 / 3) / 2)
 
 
