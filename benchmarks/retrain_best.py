@@ -284,7 +284,32 @@ def report(retrained: Sequence[Retrained], console: Console) -> dict[str, dict[s
         console.print(f"{space}, against {baseline_name} on fresh training seeds: "
                       + "; ".join(f"{k} in {v}" for k, v in sorted(counts.get(space, {}).items())),
                       markup=False, highlight=False)
+        for name in names[1:]:
+            console.print(f"  {summary_line(rows, name, baseline_name)}", markup=False, highlight=False)
     return counts
+
+
+def summary_line(rows: dict[int, list[Retrained]], name: str, baseline_name: str) -> str:
+    """Over the replicates: the mean paired difference of ``name`` from the baseline (each
+    replicate's mean over its fresh seeds, t interval over replicates), both picks' median
+    fresh-seed score and how much lower their stored scores were."""
+    pairs = []
+    for row in rows.values():
+        by_name = {r.pick.pick: r for r in row}
+        if name in by_name and baseline_name in by_name:
+            pairs.append((by_name[name], by_name[baseline_name]))
+    differences = [paired_difference(pick, baseline)[0] for pick, baseline in pairs]
+    if not differences:
+        return f"{name}: no replicate has it and {baseline_name}"
+    mean = statistics.fmean(differences)
+    error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
+    optimism = {label: statistics.median(r.mean / r.pick.stored for r in picked)
+                for label, picked in ((name, [p for p, _ in pairs]), (baseline_name, [b for _, b in pairs]))}
+    return (f"{name} − {baseline_name} over {len(differences)} replicates: {mean:+.3g} ± {error:.2g} "
+            f"({verdict(mean, error, len(differences))}); median fresh-seed score {name} "
+            f"{statistics.median(p.mean for p, _ in pairs):.3g}, {baseline_name} "
+            f"{statistics.median(b.mean for _, b in pairs):.3g}; fresh-seed over stored score (median) "
+            f"{optimism[name]:.2f} and {optimism[baseline_name]:.2f}")
 
 
 def reproduced(retrained: Sequence[Retrained]) -> float:

@@ -68,6 +68,22 @@ def test_paired_differences_and_their_verdicts():
     assert grid.mean == 11.5 and grid.standard_error == pytest.approx(math.sqrt(5 / 3) / 2)
 
 
+def test_the_summary_is_over_replicates_with_a_t_interval():
+    def retrained(seed: int, name: str, stored: float, fresh: list[float]) -> rb.Retrained:
+        return rb.Retrained(rb.Pick("architecture", seed, name, {}, stored), stored, fresh)
+
+    rows = {seed: [retrained(seed, "grid", 10.0, [20.0 + seed, 22.0 + seed]),
+                   retrained(seed, "at a third", 10.0, [15.0 + seed, 17.0 + seed])]
+            for seed in (1, 2, 3)}  # 5 lower on every fresh seed of every replicate
+    line = rb.summary_line(rows, "at a third", "grid")
+    assert line.startswith("at a third − grid over 3 replicates: -5 ± 0 (better)")  # no spread
+    rows[3][1] = retrained(3, "at a third", 10.0, [17.0, 19.0])  # 4 lower in replicate 3
+    line = rb.summary_line(rows, "at a third", "grid")
+    assert "-4.67 ± 0.33 (better)" in line and "at a third 18, grid 23" in line
+    assert line.endswith("fresh-seed over stored score (median) 1.80 and 2.30")
+    assert rb.summary_line({1: rows[1][:1]}, "at a third", "grid") == "at a third: no replicate has it and grid"
+
+
 def test_a_retrained_configuration_gives_its_stored_score_from_its_own_seed(tmp_path):
     cache = tmp_path / "cache"
     grid = se.run_study(tmp_path, "shearnet", "grid", 3, 3, TINY, cache)  # a third: its first trial
