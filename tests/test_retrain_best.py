@@ -77,9 +77,9 @@ def test_the_summary_is_over_replicates_with_a_t_interval():
             for seed in (1, 2, 3)}  # 5 lower on every fresh seed of every replicate
     line = rb.summary_line(rows, "at a third", "grid")
     assert line.startswith("at a third − grid over 3 replicates: -5 ± 0 (better)")  # no spread
-    rows[3][1] = retrained(3, "at a third", 10.0, [17.0, 19.0])  # 4 lower in replicate 3
+    rows[3][1] = retrained(3, "at a third", 10.0, [17.0, 19.0])  # 6 lower in replicate 3
     line = rb.summary_line(rows, "at a third", "grid")
-    assert "-4.67 ± 0.33 (better)" in line and "at a third 18, grid 23" in line
+    assert "-5.33 ± 0.33 (better)" in line and "at a third 18, grid 23" in line
     assert line.endswith("fresh-seed over stored score (median) 1.80 and 2.30")
     assert rb.summary_line({1: rows[1][:1]}, "at a third", "grid") == "at a third: no replicate has it and grid"
 
