@@ -30,6 +30,7 @@ final best of its cold, copy and top3 studies per replicate, compared with the c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -177,7 +178,8 @@ def retrain_replicate(folder: Path, replicate: list[Pick], n_fresh: int, size: S
     configurations = list({json.dumps(p.params, sort_keys=True): p.params for p in replicate}.values())
     seeds = training_seeds(seed, n_fresh)
     name = f"{space.name}-retrain-seed{seed}"
-    spec = study_spec(folder, space, Strategy("grid"), seed, len(configurations) * len(seeds), size, name=name)
+    spec = dataclasses.replace(study_spec(folder, space, Strategy("grid"), seed, len(configurations) * len(seeds),
+                                          size), name=name)
     url = f"sqlite:///{folder}/{name}.db"
     study = optuna.create_study(study_name=name, storage=url, direction="minimize")
     for params in configurations:

@@ -281,20 +281,18 @@ def study_name(space: Space, strategy: Strategy, seed: int) -> str:
 
 
 def study_spec(
-    folder: Path, space: Space, strategy: Strategy, seed: int, n_grid: int, size: Size,
-    name: str | None = None,
+    folder: Path, space: Space, strategy: Strategy, seed: int, n_grid: int, size: Size
 ) -> StudySpec:
-    """The study of one space, strategy and replicate (named ``name``, default
-    ``study_name``). The grid's and the presets' trials are all enqueued (their sampler is never
-    consulted); a pruned strategy gets trials enough to spend the grid's compute even if every
-    trial stops after one epoch (the budget stops it)."""
+    """The study of one space, strategy and replicate. The grid's and the presets' trials are all
+    enqueued (their sampler is never consulted); a pruned strategy gets trials enough to spend
+    the grid's compute even if every trial stops after one epoch (the budget stops it)."""
     budget = n_grid * size.epochs
     n_trials = {"grid": n_grid, "presets": len(space.presets)}.get(strategy.sampler, n_grid)
     if strategy.pruner != "none":
         n_trials = budget + BUDGET_STOP_FAILURES
     raw = {
         "study": {
-            "name": name or study_name(space, strategy, seed), "objective": SharedSeedShear.name,
+            "name": study_name(space, strategy, seed), "objective": SharedSeedShear.name,
             "metrics": [METRIC], "pruner": strategy.pruner, "n_trials": n_trials, "seed": seed,
             "sampler": strategy.sampler if strategy.sampler in ("random", "tpe", "gp") else "random",
         },
