@@ -347,7 +347,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"the results were run at different sizes: {sorted(map(str, sizes))}")
     size = sizes.pop()
     if not chosen:
-        parser.error(f"--strategy {args.strategy}: no replicate has both it and the grid in {', '.join(args.results)}")
+        held = sorted({study["strategy"] for name in args.results
+                       for study in json.loads(Path(name).read_text(encoding="utf-8")).get("studies", [])})
+        parser.error(f"--strategy {args.strategy}: no replicate has both it and the grid in "
+                     f"{', '.join(args.results)}; they hold {', '.join(held) or 'no search studies'}")
     if len({(p.space, p.seed, p.pick) for p in chosen}) != len(chosen):
         parser.error("the same replicate is in two of the results files")
     optuna.logging.set_verbosity(optuna.logging.ERROR)

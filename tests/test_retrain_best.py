@@ -127,3 +127,4 @@ def test_the_command_reads_search_results_and_prints_the_table(tmp_path):
     other = subprocess.run([*command[:3], str(results), "--strategy", "tpe"], cwd=ROOT,
                            capture_output=True, text=True, timeout=60, check=False)
     assert other.returncode == 2 and "--strategy tpe: no replicate has both it and the grid" in other.stderr
+    assert "they hold grid, random" in other.stderr
