@@ -71,6 +71,12 @@ WARM_START_PICKS = ("cold", "copy", "top3")
 SCORES = ("value", "validation", "abs_m")  # a trial's scores: NaN (JSON null) unless COMPLETE
 
 
+def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (NaN from fewer than two values)."""
+    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return statistics.fmean(values), error
+
+
 @dataclass(frozen=True)
 class Pick:
     """One configuration chosen in one replicate, with its stored score."""
@@ -96,7 +102,7 @@ class Retrained:
 
     @property
     def standard_error(self) -> float:
-        return statistics.stdev(self.fresh) / math.sqrt(len(self.fresh)) if len(self.fresh) > 1 else math.nan
+        return mean_and_error(self.fresh)[1]
 
 
 def search_results(studies: list[dict[str, Any]]) -> list[StudyResult]:
@@ -185,9 +191,9 @@ def retrain_replicate(folder: Path, replicate: list[Pick], n_fresh: int, size: S
     for params in configurations:
         for training_seed in seeds:
             study.enqueue_trial(params, user_attrs={"training_seed": training_seed})
-    launch(spec, url, quiet=True, cache_dir=cache_dir, executor="local")
+    study = launch(spec, url, quiet=True, cache_dir=cache_dir, executor="local")
     scores: dict[tuple[str, int], float] = {}
-    for trial in optuna.load_study(study_name=name, storage=url).get_trials(states=(STATE.COMPLETE,)):
+    for trial in study.get_trials(states=(STATE.COMPLETE,)):
         key = json.dumps(trial.params, sort_keys=True)
         scores[key, int(trial.user_attrs["training_seed"])] = float(trial.value)
     retrained = []
@@ -223,10 +229,7 @@ def retrain_all(chosen: Sequence[Pick], n_fresh: int, size: Size, cache_dir: Pat
 
 def paired_difference(pick: Retrained, baseline: Retrained) -> tuple[float, float]:
     """Mean and standard error of the pick's minus the baseline's score over the shared fresh seeds."""
-    differences = [a - b for a, b in zip(pick.fresh, baseline.fresh)]
-    mean = statistics.fmean(differences)
-    error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
-    return mean, error
+    return mean_and_error([a - b for a, b in zip(pick.fresh, baseline.fresh)])
 
 
 def verdict(difference: float, error: float, pairs: int) -> str:
@@ -303,8 +306,7 @@ def summary_line(rows: dict[int, list[Retrained]], name: str, baseline_name: str
     differences = [paired_difference(pick, baseline)[0] for pick, baseline in pairs]
     if not differences:
         return f"{name}: no replicate has it and {baseline_name}"
-    mean = statistics.fmean(differences)
-    error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
+    mean, error = mean_and_error(differences)
     optimism = {label: statistics.median(r.mean / r.pick.stored for r in picked)
                 for label, picked in ((name, [p for p, _ in pairs]), (baseline_name, [b for _, b in pairs]))}
     return (f"{name} − {baseline_name} over {len(differences)} replicates: {mean:+.3g} ± {error:.2g} "
